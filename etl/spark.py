@@ -1,0 +1,32 @@
+"""One place that builds the SparkSession, so the CLI, spark-submit and tests agree."""
+from __future__ import annotations
+
+import os
+
+
+def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | None = None):
+    """Return a SparkSession.
+
+    Under spark-submit the master comes from the submitter (``master=None`` leaves it);
+    from the CLI the default is ``local[*]`` bound to 127.0.0.1.
+    """
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    from pyspark.sql import SparkSession
+
+    b = SparkSession.builder.appName(app)
+    if master:
+        b = b.master(master)
+    defaults = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": "8",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.ui.enabled": "false",
+        "spark.driver.memory": os.environ.get("ESMM_SPARK_DRIVER_MEMORY", "4g"),
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    }
+    for k, v in {**defaults, **(conf or {})}.items():
+        b = b.config(k, v)
+    spark = b.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

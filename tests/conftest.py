@@ -1,0 +1,76 @@
+"""Session fixtures shared by all tests: one local SparkSession, one local Ray cluster.
+
+Both bind to 127.0.0.1 only. The Ray cluster is a real ``ray start --head`` on free
+ports and its own temp dir, so several clusters (tests, a user's) can coexist.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ALICCP_SAMPLES = SHARED / "data" / "aliccp"
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from etl.spark import get_spark
+
+    s = get_spark("local[2]", app="esmm-tests", conf={"spark.sql.shuffle.partitions": "4"})
+    yield s
+    s.stop()
+
+
+def _ray_bin() -> str:
+    return str(VENV_BIN / "ray")
+
+
+@pytest.fixture(scope="session")
+def ray_start_2_cpus():
+    """A real local Ray head (2 CPUs) on loopback; yields its GCS address ``127.0.0.1:PORT``."""
+    port, dash = free_port(), free_port()
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
+    cmd = [
+        _ray_bin(), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+        "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        "--ray-client-server-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+        "--temp-dir", tmp, "--disable-usage-stats",
+    ]
+    env = {**os.environ}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": tmp}
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            pass
+        # `ray stop` stops every cluster on the machine; stop only ours by its temp dir's processes.
+        subprocess.run(["pkill", "-f", f"--temp-dir={tmp}"], check=False)
+        subprocess.run(["pkill", "-f", tmp], check=False)
+        time.sleep(1)
+        shutil.rmtree(tmp, ignore_errors=True)
