@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | None = None):
@@ -12,6 +13,8 @@ def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | Non
     """
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    # Python workers (mapInArrow in etl/vocab.py) need this interpreter's pyarrow/pandas.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     b = SparkSession.builder.appName(app)

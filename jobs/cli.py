@@ -11,9 +11,11 @@ JOBS = {
     "etl": ("jobs.etl", "Spark: join logs into sequential-label Parquet shards"),
     "aliccp": ("jobs.aliccp", "Spark: convert Ali-CCP (raw or processed samples) into shards"),
     "train": ("jobs.train", "train one model (locally or on Ray with --workers)"),
+    "evaluate": ("jobs.evaluate", "score a trained model on a split: AUCs, log loss, calibration"),
     "experiment": ("jobs.experiment", "the paper's protocol: all models x seeds -> report"),
     "demo": ("jobs.demo", "synth -> etl -> experiment on the embedded default"),
     "cluster": ("jobs.cluster", "start/stop a local Ray cluster on 127.0.0.1"),
+    "publish": ("jobs.publish", "gate a model against production, swap the production pointer"),
 }
 
 

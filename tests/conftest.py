@@ -56,7 +56,9 @@ def ray_start_2_cpus():
         "--ray-client-server-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
         "--temp-dir", tmp, "--disable-usage-stats",
     ]
-    env = {**os.environ}
+    # The venv's bin first: `ray job submit` entrypoints say `python ...`, which the raylet
+    # resolves on its PATH; without this they get the system python, which has no ray.
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:

@@ -7,7 +7,9 @@ Interface every embedding collection here follows (the model depends on nothing 
     opt = emb.make_optimizer(cfg)     # .zero_grad(), .step(), .state_dict(), .load_state_dict()
 
 Field f's local id i lives at global row ``field_offset[f] + i``. This is the plain,
-single-process reference: rows are one ``nn.Parameter`` with sparse gradients.
+single-process reference: rows are one ``nn.Parameter`` with sparse gradients. Its
+row-wise sharded twin, ``ShardedEmbeddingCollection`` (train/shard/), has the same
+interface and is also the fast single-process path (world size 1).
 """
 from __future__ import annotations
 
@@ -61,3 +63,13 @@ class EmbeddingCollection(nn.Module):
         if cfg.get("sparse_optimizer", "adam") == "adagrad":
             return torch.optim.Adagrad([self.weight], lr=lr)
         return torch.optim.SparseAdam([self.weight], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def __getattr__(name: str):
+    # The sharded twin lives in train/shard/ (which imports this module); exposed here
+    # so ``from train.embedding import ShardedEmbeddingCollection`` works too.
+    if name == "ShardedEmbeddingCollection":
+        from train.shard.collection import ShardedEmbeddingCollection
+
+        return ShardedEmbeddingCollection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

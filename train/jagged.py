@@ -38,3 +38,37 @@ class Batch:
     @property
     def size(self) -> int:
         return self.features.batch_size
+
+
+def take_bags(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
+              weights: torch.Tensor | None = None):
+    """Gather bags ``rows`` of one jagged array (values, offsets) without a Python loop.
+
+    Returns (values, offsets, weights) of the gathered bags, offsets starting at 0.
+    ``rows`` may repeat and be in any order (used for shuffling and oversampling).
+    """
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new_offsets = torch.zeros(rows.numel() + 1, dtype=offsets.dtype)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    n = int(new_offsets[-1])
+    # value j of gathered bag k sits at starts[k] + (j - new_offsets[k])
+    src = torch.repeat_interleave(starts - new_offsets[:-1], lengths, output_size=n)
+    src += torch.arange(n, dtype=src.dtype)
+    return values[src], new_offsets, (None if weights is None else weights[src])
+
+
+def take_rows(kjt: KeyedJagged, rows: torch.Tensor) -> KeyedJagged:
+    """The rows ``rows`` (int64 indices, repeats allowed) of every field of ``kjt``."""
+    B, nF, k = kjt.batch_size, len(kjt.keys), rows.numel()
+    # bag (f, rows[i]) of the input is bag f*B + rows[i]; gather all fields in one call
+    bag = (torch.arange(nF).unsqueeze(1) * B + rows.unsqueeze(0)).reshape(-1)
+    values, offsets, weights = take_bags(kjt.values, kjt.offsets, bag, kjt.weights)
+    return KeyedJagged(kjt.keys, values, offsets, weights, k)
+
+
+def take_batch(batch: Batch, rows: torch.Tensor, weight: torch.Tensor | None = None) -> Batch:
+    """Rows ``rows`` of ``batch``; ``weight`` (per selected row) replaces the sample weights."""
+    if weight is None and batch.weight is not None:
+        weight = batch.weight[rows]
+    return Batch(take_rows(batch.features, rows), batch.click[rows], batch.conversion[rows], weight)

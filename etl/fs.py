@@ -1,0 +1,108 @@
+"""File operations through Hadoop's FileSystem, so the same code commits to a local
+folder, HDFS or an object store (whatever scheme the Spark cluster can write).
+
+Paths without a scheme are made absolute when the default filesystem is local, so a
+relative ``--out`` means the same folder to the driver and to Spark.
+"""
+from __future__ import annotations
+
+import os
+
+
+def qualify(spark, path: str) -> str:
+    """Absolute path string for ``path`` (scheme kept; local paths made absolute)."""
+    if "://" in path or path.startswith("file:"):
+        return path.rstrip("/") or "/"
+    default = spark.sparkContext._jsc.hadoopConfiguration().get("fs.defaultFS") or "file:///"
+    if default.startswith("file:"):
+        return os.path.abspath(path)
+    return path.rstrip("/")
+
+
+def _fs(spark, path: str):
+    jvm = spark.sparkContext._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), p
+
+
+def exists(spark, path: str) -> bool:
+    fs, p = _fs(spark, path)
+    return bool(fs.exists(p))
+
+
+def is_dir(spark, path: str) -> bool:
+    fs, p = _fs(spark, path)
+    return bool(fs.exists(p) and fs.getFileStatus(p).isDirectory())
+
+
+def listdir(spark, path: str) -> list[tuple[str, bool]]:
+    """(name, is_dir) of the entries directly under ``path``, sorted by name; [] if missing."""
+    fs, p = _fs(spark, path)
+    if not fs.exists(p):
+        return []
+    out = [(st.getPath().getName(), bool(st.isDirectory())) for st in fs.listStatus(p)]
+    return sorted(out)
+
+
+def walk_files(spark, path: str) -> list[str]:
+    """Every file under ``path`` (recursive), as paths relative to ``path``, sorted."""
+    fs, p = _fs(spark, path)
+    if not fs.exists(p):
+        return []
+    root = fs.getFileStatus(p).getPath().toString().rstrip("/") + "/"
+    it = fs.listFiles(p, True)
+    out = []
+    while it.hasNext():
+        full = it.next().getPath().toString()
+        out.append(full[len(root):] if full.startswith(root) else full)
+    return sorted(out)
+
+
+def mkdirs(spark, path: str) -> None:
+    fs, p = _fs(spark, path)
+    fs.mkdirs(p)
+
+
+def rename(spark, src: str, dst: str) -> None:
+    fs, s = _fs(spark, src)
+    _, d = _fs(spark, dst)
+    parent = d.getParent()
+    if parent is not None and not fs.exists(parent):
+        fs.mkdirs(parent)
+    if not fs.rename(s, d):
+        raise OSError(f"rename {src} -> {dst} failed")
+
+
+def delete(spark, path: str) -> None:
+    fs, p = _fs(spark, path)
+    if fs.exists(p):
+        fs.delete(p, True)
+
+
+def copy(spark, src: str, dst: str) -> None:
+    jvm = spark.sparkContext._jvm
+    fs, s = _fs(spark, src)
+    _, d = _fs(spark, dst)
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    if not jvm.org.apache.hadoop.fs.FileUtil.copy(fs, s, fs, d, False, True, conf):
+        raise OSError(f"copy {src} -> {dst} failed")
+
+
+def write_text(spark, path: str, text: str) -> None:
+    fs, p = _fs(spark, path)
+    stream = fs.create(p, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def read_text(spark, path: str) -> str:
+    jvm = spark.sparkContext._jvm
+    fs, p = _fs(spark, path)
+    stream = fs.open(p)
+    try:
+        data = jvm.org.apache.commons.io.IOUtils.toByteArray(stream)
+    finally:
+        stream.close()
+    return bytes(data).decode("utf-8")

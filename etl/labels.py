@@ -1,0 +1,164 @@
+"""Label rules as pure DataFrame transforms (DESIGN.md, "Label rules").
+
+Inputs are the frames :func:`etl.logs.read_table` returns (raw columns + ``_ts`` parsed
+timestamp, ``_bad`` malformed detail, ``_src``, ``_dt``, ``_ord``, ``_line``).
+:func:`flag` gives every row read exactly one ``_reason``: null when used, else
+
+- impressions: ``malformed``, ``duplicate`` (same impression_id again; the earliest by
+  ts, then source file, then position in the file, is kept);
+- clicks: ``malformed``, ``duplicate``, ``orphan`` (no valid impression),
+  ``before_impression`` (click ts < impression ts), ``out_of_range``;
+- conversions: ``malformed``, ``duplicate``, ``orphan`` (no valid click),
+  ``before_click``, ``outside_window`` (more than ``window_s`` after the click),
+  ``out_of_range``.
+
+Checks apply in that order; duplicates are judged among well-formed rows only.
+``out_of_range`` is not a reject: with ``--start/--end`` a click whose impression exists
+on a day outside the range (or a conversion whose click does, or whose click is itself
+out of range) belongs to another run. It is counted apart so that
+``read = used + rejected + out_of_range`` still holds.
+
+Labels: ``click`` = 1 if any valid click refers to the impression; ``conversion`` = 1 if
+any valid conversion refers to one of its valid clicks. A valid conversion needs a
+valid click, so conversion = 1 implies click = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+REASONS = {
+    "impressions": ("malformed", "duplicate"),
+    "clicks": ("malformed", "duplicate", "orphan", "before_impression"),
+    "conversions": ("malformed", "duplicate", "orphan", "before_click", "outside_window"),
+}
+OUT_OF_RANGE = "out_of_range"
+
+
+@dataclass
+class Flagged:
+    impressions: DataFrame  # every impression read, + _reason
+    clicks: DataFrame       # every click read, + _reason, _imp (its impression_id)
+    conversions: DataFrame  # every conversion read, + _reason, _imp (its click's impression_id)
+
+
+def dedup(df: DataFrame, id_col: str) -> DataFrame:
+    """``_reason`` = malformed / duplicate / null (kept: the earliest of each id)."""
+    w = Window.partitionBy(id_col).orderBy(F.col("_ts").asc(), F.col("_src").asc(), F.col("_ord").asc())
+    good = df.where(F.col("_bad").isNull()).withColumn("_rank", F.row_number().over(w))
+    good = good.withColumn("_reason", F.when(F.col("_rank") > 1, F.lit("duplicate"))).drop("_rank")
+    bad = df.where(F.col("_bad").isNotNull()).withColumn("_reason", F.lit("malformed"))
+    return good.unionByName(bad)
+
+
+def _ids(df: DataFrame | None, col: str, alias: str) -> DataFrame | None:
+    if df is None:
+        return None
+    return df.select(F.col(col).cast("string").alias(alias)).where(F.col(alias).isNotNull()).distinct() \
+        .withColumn(alias + "_x", F.lit(True))
+
+
+def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
+         outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None) -> Flagged:
+    """Give each row of the three tables its ``_reason`` (see module doc).
+
+    Args:
+        window_s: attribution window in seconds after the click.
+        outside_impressions: ``impression_id`` of impressions on days outside the range
+            (ranged runs): clicks on them are ``out_of_range``, not orphans.
+        outside_clicks: ``click_id`` of clicks on days before the range (ranged runs).
+    """
+    imps_f = dedup(imps, "impression_id")
+    valid_imps = imps_f.where(F.col("_reason").isNull()).select(
+        F.col("impression_id").alias("_p_id"), F.col("_ts").alias("_p_ts"))
+
+    ck = dedup(clicks, "click_id")
+    kept = ck.where(F.col("_reason").isNull()).drop("_reason")
+    kept = kept.join(valid_imps, kept["impression_id"] == F.col("_p_id"), "left")
+    reason = (F.when(F.col("_p_id").isNull(), F.lit("orphan"))
+              .when(F.col("_ts") < F.col("_p_ts"), F.lit("before_impression")))
+    oi = _ids(outside_impressions, "impression_id", "_oi")
+    if oi is not None:
+        kept = kept.join(oi, kept["impression_id"] == F.col("_oi"), "left")
+        reason = F.when(F.col("_p_id").isNull() & F.col("_oi_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(reason)
+    kept = kept.withColumn("_reason", reason).withColumn("_imp", F.col("_p_id"))
+    kept = kept.drop("_p_id", "_p_ts", *([] if oi is None else ["_oi", "_oi_x"]))
+    clicks_f = kept.unionByName(ck.where(F.col("_reason").isNotNull()).withColumn("_imp", F.lit(None).cast("string")))
+
+    valid_clicks = clicks_f.where(F.col("_reason").isNull()).select(
+        F.col("click_id").alias("_c_id"), F.col("_ts").alias("_c_ts"), F.col("_imp").alias("_c_imp"))
+    cv = dedup(convs, "conversion_id")
+    kept = cv.where(F.col("_reason").isNull()).drop("_reason")
+    kept = kept.join(valid_clicks, kept["click_id"] == F.col("_c_id"), "left")
+    lag_us = F.unix_micros(F.col("_ts")) - F.unix_micros(F.col("_c_ts"))
+    reason = (F.when(F.col("_c_id").isNull(), F.lit("orphan"))
+              .when(F.col("_ts") < F.col("_c_ts"), F.lit("before_click"))
+              .when(lag_us > F.lit(int(round(window_s * 1_000_000))), F.lit("outside_window")))
+    # a conversion on a click that is out of range here, or on a click of an earlier day
+    oc = clicks_f.where(F.col("_reason") == OUT_OF_RANGE).select("click_id")
+    if outside_clicks is not None:
+        oc = oc.unionByName(outside_clicks.select(F.col("click_id").cast("string")))
+    if outside_impressions is not None or outside_clicks is not None:
+        ocx = _ids(oc, "click_id", "_oc")
+        kept = kept.join(ocx, kept["click_id"] == F.col("_oc"), "left")
+        reason = F.when(F.col("_c_id").isNull() & F.col("_oc_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(reason)
+        kept = kept.drop("_oc")
+    kept = kept.withColumn("_reason", reason).withColumn("_imp", F.col("_c_imp"))
+    kept = kept.drop("_c_id", "_c_ts", "_c_imp", "_oc_x")
+    convs_f = kept.unionByName(cv.where(F.col("_reason").isNotNull()).withColumn("_imp", F.lit(None).cast("string")))
+    return Flagged(imps_f, clicks_f, convs_f)
+
+
+def labels_from(fl: Flagged) -> DataFrame:
+    """Valid impressions with ``click`` and ``conversion`` (int8)."""
+    y = fl.clicks.where(F.col("_reason").isNull()).select(F.col("_imp").alias("_y_id")).distinct() \
+        .withColumn("click", F.lit(1).cast("tinyint"))
+    z = fl.conversions.where(F.col("_reason").isNull()).select(F.col("_imp").alias("_z_id")).distinct() \
+        .withColumn("conversion", F.lit(1).cast("tinyint"))
+    imps = fl.impressions.where(F.col("_reason").isNull()).drop("_reason")
+    out = (imps.join(y, imps["impression_id"] == F.col("_y_id"), "left")
+           .join(z, imps["impression_id"] == F.col("_z_id"), "left")
+           .drop("_y_id", "_z_id"))
+    return out.withColumn("click", F.coalesce(F.col("click"), F.lit(0)).cast("tinyint")) \
+              .withColumn("conversion", F.coalesce(F.col("conversion"), F.lit(0)).cast("tinyint"))
+
+
+def rejects_from(fl: Flagged, row_json: dict) -> DataFrame:
+    """``(table, reason, row, source_file, detail)`` of every rejected row.
+
+    Args:
+        row_json: per table name, the Spark expression giving the raw row as JSON.
+    """
+    parts = []
+    for name, df in (("impressions", fl.impressions), ("clicks", fl.clicks), ("conversions", fl.conversions)):
+        r = df.where(F.col("_reason").isNotNull() & (F.col("_reason") != OUT_OF_RANGE))
+        parts.append(r.select(F.lit(name).alias("table"), F.col("_reason").alias("reason"),
+                              row_json[name].alias("row"), F.col("_src").alias("source_file"),
+                              F.col("_bad").alias("detail")))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def reason_counts(fl: Flagged) -> dict[str, dict[str, int]]:
+    """``{table: {reason or "used": n}}`` from one aggregation over the three tables."""
+    parts = [df.select(F.lit(name).alias("t"), F.coalesce(F.col("_reason"), F.lit("used")).alias("r"))
+             for name, df in (("impressions", fl.impressions), ("clicks", fl.clicks), ("conversions", fl.conversions))]
+    u = parts[0].unionByName(parts[1]).unionByName(parts[2])
+    out: dict[str, dict[str, int]] = {t: {} for t in REASONS}
+    for row in u.groupBy("t", "r").count().collect():
+        out[row["t"]][row["r"]] = int(row["count"])
+    return out
+
+
+def with_labels(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float) -> DataFrame:
+    """Valid impressions with their ``click`` and ``conversion`` labels (see module doc)."""
+    return labels_from(flag(imps, clicks, convs, window_s))
+
+
+def rejects(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float, row_json: dict) -> DataFrame:
+    """The rejected rows of the same inputs, with their reasons (sibling of :func:`with_labels`)."""
+    return rejects_from(flag(imps, clicks, convs, window_s), row_json)

@@ -1,0 +1,161 @@
+"""The paper's protocol (Ma et al. 2018, section 4): every model x every seed, one test set.
+
+Per seed: first the independent ``ctr`` network; it supplies the pCTR of every
+baseline's pCTCVR = pCVR x pCTR (and UNBIAS's 1/pCTR weights). ESMM and ESMM-NS use
+their own pCTR. Every model sees the same train rows, the same validation rows (for
+early stopping) and is scored on the same test rows: CVR AUC over the clicked test
+impressions, CTCVR AUC over all of them, and, when the data came from the simulator,
+CVR AUC and calibration over the entire test space against ``would_convert``.
+
+    report = run_experiment("DATA", "REPORT", models=["esmm", "base"], seeds=3)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from train.baselines import MODELS, OWN_CTR
+from train.data import load_manifest, load_split, manifest_fields
+from train.errors import InputError
+from train.evaluate import predict, read_truth, score, truth_dir
+from train.local import train_model
+from train.loop import TrainConfig
+from train.model import EmbeddingFactory, EsmmConfig
+
+# the order of the paper's Table 2
+DEFAULT_MODELS = ["base", "aman", "oversampling", "unbias", "division", "esmm-ns", "esmm"]
+# metrics summarised as mean/std over seeds (path into the metrics dict)
+SUMMARY = {
+    "cvr_auc": ("cvr_auc",), "ctcvr_auc": ("ctcvr_auc",), "ctr_auc": ("ctr_auc",),
+    "entire_cvr_auc": ("entire_cvr_auc",), "unclicked_cvr_auc": ("unclicked_cvr_auc",),
+    "cvr_logloss": ("cvr_logloss",), "ctcvr_logloss": ("ctcvr_logloss",), "ctr_logloss": ("ctr_logloss",),
+    "entire_cvr_logloss": ("entire_cvr_logloss",),
+    "cvr_calibration": ("cvr_calibration", "ratio"), "ctcvr_calibration": ("ctcvr_calibration", "ratio"),
+    "entire_cvr_calibration": ("entire_cvr_calibration", "ratio"),
+}
+# ESMM must beat BASE on these by more than the seeds' spread (the issue's acceptance)
+CHECKS = ("cvr_auc", "ctcvr_auc", "entire_cvr_auc")
+
+
+def _get(m: dict, path: tuple):
+    for k in path:
+        if not isinstance(m, dict) or k not in m:
+            return None
+        m = m[k]
+    return m
+
+
+def summarise(per_seed: dict[str, list[dict]]) -> dict:
+    """{model: {metric: {mean, std, values}}}; std is the sample std over seeds (0 for one)."""
+    out = {}
+    for name, runs in per_seed.items():
+        s = {}
+        for metric, path in SUMMARY.items():
+            vals = [_get(r, path) for r in runs]
+            if any(v is None for v in vals) or not vals:
+                continue
+            a = np.asarray(vals, dtype=np.float64)
+            s[metric] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                         "values": [float(v) for v in a]}
+        out[name] = s
+    return out
+
+
+def checks(summary: dict) -> dict:
+    """ESMM - BASE per metric, and whether it exceeds the seeds' spread (the larger std)."""
+    out = {}
+    if "esmm" not in summary or "base" not in summary:
+        return out
+    for metric in CHECKS:
+        e, b = summary["esmm"].get(metric), summary["base"].get(metric)
+        if e is None or b is None:
+            continue
+        gain, spread = e["mean"] - b["mean"], max(e["std"], b["std"])
+        out[metric] = {"esmm_minus_base": gain, "spread": spread, "beats": bool(gain > spread)}
+    return out
+
+
+def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] | None = None,
+                   seeds: int = 3, model_cfg: EsmmConfig | None = None, train_cfg: TrainConfig | None = None,
+                   embedding_factory: EmbeddingFactory | None = None, progress: bool | None = None,
+                   log: Callable[[str], None] = print, first_seed: int = 0) -> dict:
+    """Run the protocol on DATA and (with ``out_dir``) write report.json, report.md and plots.
+
+    Args:
+        models (list[str]): models to compare (``ctr`` is always trained: it is the protocol's).
+        seeds (int): repetitions; seed s uses TrainConfig.seed = first_seed + s.
+    Returns:
+        the report dict (see report.json).
+    """
+    models = list(models or DEFAULT_MODELS)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise InputError(f"unknown model(s) {unknown} (have {', '.join(MODELS)})")
+    if seeds < 1:
+        raise InputError(f"--seeds must be >= 1, got {seeds}")
+    model_cfg, train_cfg = model_cfg or EsmmConfig(), train_cfg or TrainConfig()
+    t_start = time.perf_counter()
+    manifest = load_manifest(data_dir)
+    fields = manifest_fields(manifest, model_cfg.pooling)
+    train_all = load_split(data_dir, "train", fields, manifest)
+    test = load_split(data_dir, "test", fields, manifest)
+    train, val = train_all.split_off(train_cfg.val_fraction) if train_cfg.val_fraction > 0 else (train_all, None)
+    tdir = truth_dir(manifest)
+    truth = read_truth(tdir, test.sample_id) if tdir and os.path.exists(tdir) else None
+    log(f"data {data_dir}: train {len(train)} (+{len(val) if val else 0} validation), test {len(test)}, "
+        f"{len(fields)} fields, truth {'yes' if truth else 'no'}")
+
+    per_seed: dict[str, list[dict]] = {m: [] for m in (["ctr"] + [m for m in models if m != "ctr"])}
+    training: dict[str, list[dict]] = {m: [] for m in per_seed}
+    for s in range(seeds):
+        tc = replace(train_cfg, seed=first_seed + s)
+        ctr_model, ctr_preds = None, None
+        for name in per_seed:
+            t0 = time.perf_counter()
+            model, result = train_model(name, train, model_cfg, tc, val, ctr_model=ctr_model,
+                                        embedding_factory=embedding_factory, progress=progress)
+            preds = predict(model, test)
+            if name == "ctr":
+                ctr_model, ctr_preds = model, preds["p_ctr"]
+            m = score(preds, test, None if name in OWN_CTR else ctr_preds, truth)
+            m["seed"] = tc.seed
+            per_seed[name].append(m)
+            training[name].append({k: v for k, v in result.items() if k != "optimizers"}
+                                  | {"seconds": time.perf_counter() - t0})
+            shown = "  ".join(f"{k} {m[k]:.4f}" for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc") if k in m)
+            log(f"seed {tc.seed} {name:<12} {shown}  ({time.perf_counter() - t0:.1f}s, best epoch {result['best_epoch'] + 1})")
+
+    summary = summarise(per_seed)
+    report = {
+        "data": str(data_dir), "models": models, "seeds": [first_seed + s for s in range(seeds)],
+        "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(),
+        "dataset": {split: {k: v for k, v in manifest["splits"][split].items() if k != "files"}
+                    for split in ("train", "test") if split in manifest["splits"]},
+        "entire_space": truth is not None,
+        "summary": summary, "checks": checks(summary),
+        "per_seed": {name: [{k: v for k, v in m.items()} for m in runs] for name, runs in per_seed.items()},
+        "training": training, "elapsed_s": time.perf_counter() - t_start,
+    }
+    if out_dir:
+        from train.report import write_report
+
+        write_report(report, out_dir)
+    return report
+
+
+def load_report(out_dir: str) -> dict:
+    p = Path(out_dir) / "report.json"
+    if not p.is_file():
+        raise InputError(f"{p}: no report.json")
+    return json.loads(p.read_text())
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,179 @@
+"""Training on one process: a DATA dir in, a saved model (+ metrics.json) out.
+
+Programmatic use (what ``esmm train`` does)::
+
+    from train.local import train_on_data
+    metrics = train_on_data("DATA", "MODEL", "esmm", epochs=1)
+
+or, with the splits already in memory (what ``esmm experiment`` does)::
+
+    from train.data import load_manifest, manifest_fields, load_split
+    from train.local import train_model
+    m = load_manifest("DATA"); fields = manifest_fields(m)
+    train = load_split("DATA", "train", fields, m)
+    model, result = train_model("esmm", train, EsmmConfig(), TrainConfig(epochs=1))
+
+A MODEL dir holds ``model.pt`` (state dict), ``config.json`` (model name, fields and the
+resolved configs) and ``metrics.json``; ``load_model(MODEL)`` rebuilds it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from train.baselines import NEEDS_CTR_MODEL, OWN_CTR, build_model
+from train.config import resolve
+from train.data import Columns, load_manifest, load_split, manifest_fields
+from train.embedding import FieldConfig
+from train.errors import InputError
+from train.evaluate import predict, read_truth, score, truth_dir
+from train.loop import TrainConfig, fit, view_loss
+from train.model import EmbeddingFactory, EsmmConfig
+
+
+def dataset_view(model, cols: Columns, seed: int, epoch: int, batch_size: int = 32768) -> Columns:
+    """``model.train_view`` applied to a whole split: the rows it trains on (and weights),
+    drawn afresh per epoch (AMAN's sampled negatives), so batches keep their full size."""
+    g = torch.Generator().manual_seed((int(seed) * 7919 + int(epoch)) * 104729 + 17)
+    rows = model.select_rows(cols.click, cols.conversion, g)
+    view = cols if rows is None else cols.take(rows)
+    if len(view) and model.row_weight(view.slice(0, 1).features) is not None:
+        w = [model.row_weight(b.features) for b in view.batches(batch_size)]
+        view = Columns(view.fields, view.columns, view.click, view.conversion, view.sample_id, torch.cat(w))
+    return view
+
+
+def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
+                train_cfg: TrainConfig | None = None, val: Columns | None = None,
+                ctr_model=None, embedding_factory: EmbeddingFactory | None = None,
+                checkpoint_path: str | None = None, resume: bool = False, progress: bool | None = None):
+    """Build model ``name`` and fit it on ``train`` (early stopping on ``val``).
+
+    Args:
+        name (str): a key of train.baselines.MODELS.
+        train (Columns): training rows; when ``val`` is None, ``train_cfg.val_fraction``
+            of them is held out for validation.
+        ctr_model: the independent CTR model (UNBIAS's 1/pCTR weights).
+        checkpoint_path (str | None): where to write the training state at every epoch end.
+        resume (bool): continue from ``checkpoint_path`` when it exists.
+
+    Returns:
+        (model, fit result dict).
+    """
+    model_cfg, train_cfg = model_cfg or EsmmConfig(), train_cfg or TrainConfig()
+    if val is None and train_cfg.val_fraction > 0:
+        train, val = train.split_off(train_cfg.val_fraction)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(name, train.fields, model_cfg, embedding_factory)
+    if name in NEEDS_CTR_MODEL:
+        if ctr_model is None:  # standalone `esmm train --model unbias`: train its CTR network first
+            ctr_model, _ = train_model("ctr", train, model_cfg, train_cfg, val, None, embedding_factory,
+                                       progress=progress)
+        model.set_ctr_model(ctr_model)
+    views: dict[int, Columns] = {}
+
+    def train_batches(epoch: int, start_step: int):
+        if epoch not in views:
+            views.clear()
+            views[epoch] = dataset_view(model, train, train_cfg.seed, epoch)
+        return views[epoch].batches(train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                                    epoch=epoch, start_step=start_step)
+
+    def steps(epoch: int = 0) -> int:
+        return -(-len(views[epoch]) // train_cfg.batch_size) if epoch in views else None
+
+    eval_fn = (lambda m: view_loss(m, val.batches(train_cfg.eval_batch_size), train_cfg.seed)) if val is not None and len(val) else None
+    start_state, cb = None, None
+    if checkpoint_path:
+        if resume and os.path.exists(checkpoint_path):
+            start_state = torch.load(checkpoint_path, weights_only=False)
+
+        def cb(state: dict) -> None:
+            tmp = f"{checkpoint_path}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint_path)  # a crash leaves the previous checkpoint whole
+    # the bar's total is known once epoch 0's view exists
+    train_batches(start_state["epoch"] if start_state else 0, 0)
+    result = fit(model, train_batches, eval_fn, train_cfg, checkpoint_cb=cb, start_state=start_state,
+                 progress=progress, steps_per_epoch=steps(start_state["epoch"] if start_state else 0),
+                 apply_view=False)
+    result.pop("optimizers", None)
+    model.eval()
+    return model, result
+
+
+# ---------------------------------------------------------------- saving
+
+def save_model(model, out_dir: str | os.PathLike, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
+               extra: dict | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
+    cfg = {"model": name, "fields": [asdict(f) for f in model.fields],
+           "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(), **(extra or {})}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_model(model_dir: str | os.PathLike, embedding_factory: EmbeddingFactory | None = None):
+    """(model, config dict) from a MODEL dir written by save_model."""
+    d = Path(model_dir)
+    if not (d / "config.json").is_file() or not (d / "model.pt").is_file():
+        raise InputError(f"{d}: not a model dir (needs config.json and model.pt from `esmm train`)")
+    cfg = json.loads((d / "config.json").read_text())
+    fields = [FieldConfig(**f) for f in cfg["fields"]]
+    model = build_model(cfg["model"], fields, EsmmConfig.from_dict(cfg["model_cfg"]), embedding_factory)
+    model.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+    model.eval()
+    return model, cfg
+
+
+def check_fields(model_fields: list[FieldConfig], data_fields: list[FieldConfig], where: str) -> None:
+    a = [(f.name, f.vocab_size) for f in model_fields]
+    b = [(f.name, f.vocab_size) for f in data_fields]
+    if a != b:
+        raise InputError(f"{where}: the data's fields (name, vocab_size) differ from the model's: {b} vs {a}")
+
+
+# ---------------------------------------------------------------- the `esmm train` / `esmm evaluate` bodies
+
+def evaluate_dir(model, data_dir: str, split: str = "test", ctr_model=None, manifest: dict | None = None,
+                 cols: Columns | None = None) -> dict:
+    """metrics.json content for ``model`` on DATA's ``split`` (with entire-space truth if any)."""
+    manifest = manifest or load_manifest(data_dir)
+    cols = cols or load_split(data_dir, split, model.fields, manifest)
+    preds = predict(model, cols)
+    ctr_preds = None
+    if "p_ctr" not in preds or model.name not in OWN_CTR:
+        ctr_preds = predict(ctr_model, cols)["p_ctr"] if ctr_model is not None else preds.get("p_ctr")
+    t = truth_dir(manifest)
+    truth = read_truth(t, cols.sample_id) if t and split == "test" and os.path.exists(t) else None
+    m = score(preds, cols, ctr_preds, truth)
+    m.update(model=model.name, split=split, data=str(data_dir))
+    return m
+
+
+def train_on_data(data_dir: str, out_dir: str, name: str, config_file: str | None = None,
+                  sets: list[str] = (), progress: bool | None = None, ctr_model_dir: str | None = None,
+                  resume: bool = False, embedding_factory: EmbeddingFactory | None = None, **overrides) -> dict:
+    """`esmm train`: fit ``name`` on DATA's train split, evaluate on test, write MODEL/."""
+    model_cfg, train_cfg = resolve(config_file, sets, **overrides)
+    manifest = load_manifest(data_dir)
+    fields = manifest_fields(manifest, model_cfg.pooling)
+    train = load_split(data_dir, "train", fields, manifest)
+    ctr_model = load_model(ctr_model_dir)[0] if ctr_model_dir else None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model, result = train_model(name, train, model_cfg, train_cfg, ctr_model=ctr_model,
+                                embedding_factory=embedding_factory, progress=progress,
+                                checkpoint_path=str(Path(out_dir) / "checkpoint.pt"), resume=resume)
+    save_model(model, out_dir, name, model_cfg, train_cfg, {"data": str(data_dir)})
+    Path(out_dir, "checkpoint.pt").unlink(missing_ok=True)  # finished: the model is in model.pt
+    if name in NEEDS_CTR_MODEL:
+        ctr_model = model.ctr_model
+    metrics = evaluate_dir(model, data_dir, "test", ctr_model, manifest)
+    metrics["training"] = result
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    return metrics
