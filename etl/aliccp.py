@@ -145,6 +145,9 @@ def find_raw_files(raw: str | os.PathLike) -> dict[str, dict[str, str]]:
     unpacked, or a missing file, raise an InputError that says what to do.
     """
     root = Path(raw)
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
+        raise InputError(f"{root}: an archive; unpack it first: mkdir -p DIR && tar -xzf {root} -C DIR "
+                         f"(both sample_train.tar.gz and sample_test.tar.gz), then pass --raw DIR")
     if not root.is_dir():
         raise InputError(f"{root}: not a directory (expected the unpacked Ali-CCP files)")
     out: dict[str, dict[str, str]] = {}
@@ -158,7 +161,7 @@ def find_raw_files(raw: str | os.PathLike) -> dict[str, dict[str, str]]:
                 if tar.is_file():
                     raise InputError(
                         f"{tar}: unpack the archive first: tar -xzf {tar} -C {root} "
-                        f"(it holds {stem}_{split}.csv; gzip -k of the CSVs is also read)"
+                        f"(it holds {stem}_{split}.csv; .csv.gz copies are read as they are)"
                     )
                 raise InputError(f"{root}: missing {stem}_{split}.csv (or .csv.gz)")
             out_path = hit[0]
@@ -321,12 +324,12 @@ def _field_is(name: str):
     return lambda e: e["field"] == F.lit(name)
 
 
-def _rejects(df, table: str, reason: str, why):
+def _rejects(df, table: str, reason, why):
     from pyspark.sql import functions as F
 
     return df.select(
         F.lit(table).alias("table"),
-        F.lit(reason).alias("reason"),
+        reason.alias("reason"),
         F.to_json(F.struct(F.col("line"), F.col("pos"))).alias("row"),
         F.col("source"),
         why.cast("string").alias("detail"),
@@ -374,9 +377,10 @@ def finish_split(split: str, sk, com, sk_table: str, com_table: str | None, *,
     entries, bad, unlisted, line, source, pos. ``com``: cfi, entries, bad, unlisted,
     line, source, pos, or None (the processed formats are already joined).
 
-    Duplicates (same sample_id, or same common index, twice in one split) keep the first
-    line and reject the others (``aliccp.duplicate``): a second copy would either repeat
-    an impression or fan the join out.
+    Every line gets a ``_status`` (null = kept, else its reject reason), so the rejects,
+    the kept rows and all the counters come from one frame. Duplicates (same sample_id,
+    or same common index, twice in one split) keep the first line and reject the others
+    (``aliccp.duplicate``): a second copy would repeat an impression or fan the join out.
     """
     from pyspark import StorageLevel
     from pyspark.sql import Window
@@ -385,85 +389,79 @@ def finish_split(split: str, sk, com, sk_table: str, com_table: str | None, *,
     cwc = (F.col("click") == 0) & (F.col("conversion") == 1)
     # Only rejected lines keep their text (a dropped click=0/conversion=1 row is one).
     sk = sk.withColumn("line", F.when(F.col("bad").isNotNull() | cwc, F.col("line")))
-    if persist:  # every counter and both vocab passes read these instead of re-parsing the text
+    if persist:  # the counters and both vocab passes read these instead of re-parsing the text
         sk = sk.persist(StorageLevel.MEMORY_AND_DISK)
         com = None if com is None else com.persist(StorageLevel.MEMORY_AND_DISK)
 
-    sk_bad, sk_ok = sk.where(F.col("bad").isNotNull()), sk.where(F.col("bad").isNull())
-
     # Only ids seen twice travel (a small aggregate); AQE broadcasts that tiny side back.
-    dup_ids = (sk_ok.groupBy("sample_id").agg(F.count(F.lit(1)).alias("_n"), F.min("pos").alias("_first"))
+    ok = sk.where(F.col("bad").isNull())
+    dup_ids = (ok.groupBy("sample_id").agg(F.count(F.lit(1)).alias("_n"), F.min("pos").alias("_first"))
                .where(F.col("_n") > 1).select("sample_id", "_first"))
-    sk_ok = sk_ok.join(dup_ids, "sample_id", "left")
+    st = sk.join(dup_ids, "sample_id", "left")
     is_dup = F.col("_first").isNotNull() & (F.col("pos") != F.col("_first"))
-    sk_dup, sk_ok = sk_ok.where(is_dup), sk_ok.where(~is_dup)
-
+    status = (F.when(F.col("bad").isNotNull(), F.lit(MALFORMED)).when(is_dup, F.lit(DUPLICATE))
+              .when(cwc & F.lit(not recode_conversion_without_click), F.lit(CONV_WITHOUT_CLICK)))
+    why = (F.when(F.col("bad").isNotNull(), F.col("bad"))
+           .when(is_dup, F.concat(F.lit("sample_id "), F.col("sample_id"), F.lit(" seen before in this split")))
+           .otherwise(F.lit("click=0 with conversion=1")))
+    st = st.withColumn("_status", status).withColumn("_why", why).withColumn("_cwc", cwc)
+    kept = st.where(F.col("_status").isNull())
     if recode_conversion_without_click:
-        sk_cwc = sk_ok.where(F.lit(False))
-        sk_ok = sk_ok.withColumn("_cwc", cwc).withColumn(
-            "conversion", F.when(cwc, F.lit(0)).otherwise(F.col("conversion")).cast("tinyint"))
-    else:
-        sk_cwc, sk_ok = sk_ok.where(cwc), sk_ok.where(~cwc).withColumn("_cwc", F.lit(False))
+        kept = kept.withColumn("conversion", F.when(cwc, F.lit(0)).otherwise(F.col("conversion")).cast("tinyint"))
+    rejects = _rejects(st.where(F.col("_status").isNotNull()), sk_table, F.col("_status"), F.col("_why"))
 
-    rejects = (
-        _rejects(sk_bad, sk_table, MALFORMED, F.col("bad"))
-        .unionByName(_rejects(sk_dup, sk_table, DUPLICATE, F.concat(F.lit("sample_id "), F.col("sample_id"),
-                                                                      F.lit(" seen before in this split"))))
-        .unionByName(_rejects(sk_cwc, sk_table, CONV_WITHOUT_CLICK, F.lit("click=0 with conversion=1")))
-    )
-    commons = None
+    commons = cst = None
     if com is not None:
-        com_bad, com_ok = com.where(F.col("bad").isNotNull()), com.where(F.col("bad").isNull())
         w = Window.partitionBy("cfi").orderBy("pos")
-        com_ok = com_ok.withColumn("_rank", F.row_number().over(w))
-        com_dup, com_ok = com_ok.where(F.col("_rank") > 1), com_ok.where(F.col("_rank") == 1)
-        rejects = (rejects.unionByName(_rejects(com_bad, com_table, MALFORMED, F.col("bad")))
-                   .unionByName(_rejects(com_dup, com_table, DUPLICATE, F.concat(
-                       F.lit("common_feature_index "), F.col("cfi"), F.lit(" seen before in this split")))))
-        commons = com_ok.select("pos", "cfi", "entries")
+        cst = com.withColumn("_rank", F.when(F.col("bad").isNull(), F.row_number().over(w)))
+        cst = cst.withColumn("_status", F.when(F.col("bad").isNotNull(), F.lit(MALFORMED))
+                             .when(F.col("_rank") > 1, F.lit(DUPLICATE)))
+        cst = cst.withColumn("_why", F.coalesce(F.col("bad"), F.concat(
+            F.lit("common_feature_index "), F.col("cfi"), F.lit(" seen before in this split"))))
+        rejects = rejects.unionByName(_rejects(cst.where(F.col("_status").isNotNull()), com_table,
+                                               F.col("_status"), F.col("_why")))
+        commons = cst.where(F.col("_status").isNull()).select("pos", "cfi", "entries")
     return Prepared(
         split=split,
-        impressions=sk_ok.select("pos", "sample_id", "click", "conversion", "cfi", "entries", "_cwc"),
-        commons=commons, rejects=rejects, parsed=sk, parsed_common=com,
+        impressions=kept.select("pos", "sample_id", "click", "conversion", "cfi", "entries", "_cwc"),
+        commons=commons, rejects=rejects, parsed=st, parsed_common=cst,
     )
 
 
 def split_counters(p: Prepared) -> dict:
-    """The split's counters, from a few aggregates over the cached parse (small results only)."""
+    """The split's counters: one aggregate per file over the status-tagged lines, one for missing keys."""
     from pyspark.sql import functions as F
 
-    r = p.parsed.agg(
-        F.count(F.lit(1)).alias("read"),
-        F.sum(F.col("click").cast("long")).alias("clicks"),
-        F.sum(F.col("conversion").cast("long")).alias("conversions"),
-        F.count("bad").alias("malformed"),
-        F.sum(F.when(F.col("bad").isNull(), F.col("unlisted")).otherwise(0)).alias("unlisted"),
-    ).first()
-    if p.parsed_common is not None:
-        c = p.parsed_common.agg(
-            F.count(F.lit(1)).alias("read"), F.count("bad").alias("malformed"),
-            F.sum(F.when(F.col("bad").isNull(), F.col("unlisted")).otherwise(0)).alias("unlisted"),
-        ).first()
-        missing = p.impressions.select("cfi").join(p.commons.select("cfi"), "cfi", "left_anti").count()
-    else:
-        c, missing = {"read": 0, "malformed": 0, "unlisted": 0}, 0
-    # the rejects' table names start with the skeleton's / common file's kind
-    rej = {("common" if x["table"].startswith("common_") else "sample", x["reason"]): int(x["n"])
-           for x in p.rejects.groupBy("table", "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
-    k = p.impressions.agg(F.count(F.lit(1)).alias("n"),
-                          F.sum(F.col("_cwc").cast("long")).alias("cwc")).first()
-    return {
-        "read": int(r["read"]), "read_clicks": int(r["clicks"] or 0),
-        "read_conversions": int(r["conversions"] or 0),
-        "malformed": int(r["malformed"]), "duplicate": rej.get(("sample", DUPLICATE), 0),
+    def by_status(df):
+        rows = df.groupBy("_status").agg(
+            F.count(F.lit(1)).alias("n"),
+            F.sum(F.col("unlisted").cast("long")).alias("unlisted"),
+            *([F.sum(F.col("click").cast("long")).alias("y"), F.sum(F.col("conversion").cast("long")).alias("z"),
+               F.sum(F.col("_cwc").cast("long")).alias("cwc")] if "click" in df.columns else []),
+        ).collect()
+        return {r["_status"]: r.asDict() for r in rows}
+
+    sk = by_status(p.parsed)
+    n = lambda d, k, c="n": int((d.get(k) or {}).get(c) or 0)  # noqa: E731
+    out = {
+        "read": sum(n(sk, k) for k in sk),
+        "read_clicks": sum(n(sk, k, "y") for k in sk),
+        "read_conversions": sum(n(sk, k, "z") for k in sk),
+        "malformed": n(sk, MALFORMED), "duplicate": n(sk, DUPLICATE),
         # dropped rows are rejects; recoded ones are still among the kept rows
-        "conversion_without_click": rej.get(("sample", CONV_WITHOUT_CLICK), 0) + int(k["cwc"] or 0),
-        "kept": int(k["n"]), "missing_common": int(missing),
-        "unlisted_entries": int(r["unlisted"] or 0),
-        "common_read": int(c["read"]), "common_malformed": int(c["malformed"]),
-        "common_duplicate": rej.get(("common", DUPLICATE), 0),
-        "common_unlisted_entries": int(c["unlisted"] or 0),
+        "conversion_without_click": n(sk, CONV_WITHOUT_CLICK) + n(sk, None, "cwc"),
+        "kept": n(sk, None), "missing_common": 0,
+        "unlisted_entries": n(sk, None, "unlisted"),
+        "common_read": 0, "common_malformed": 0, "common_duplicate": 0, "common_unlisted_entries": 0,
     }
+    if p.parsed_common is not None:
+        c = by_status(p.parsed_common)
+        out.update({
+            "common_read": sum(n(c, k) for k in c), "common_malformed": n(c, MALFORMED),
+            "common_duplicate": n(c, DUPLICATE), "common_unlisted_entries": n(c, None, "unlisted"),
+            "missing_common": p.impressions.select("cfi").join(p.commons.select("cfi"), "cfi", "left_anti").count(),
+        })
+    return out
 
 
 # --------------------------------------------------------------------------- vocab + encode

@@ -23,7 +23,7 @@ from etl.features import load_spec, resolve_fields
 from etl.labels import OUT_OF_RANGE, REASONS, Flagged, flag, labels_from, reason_counts, rejects_from
 from etl.logs import TABLES, list_days, parse_day, read_table, row_json, select_days
 from etl.shards import write_dataset
-from etl.vocab import build_vocab, encode_columns, vocab_sizes
+from etl.vocab import build_vocab, collect_vocab, encode_columns
 
 KEEP = ["sample_id", "ts", "dt", "click", "conversion", "_user_raw", "_item_raw"]
 
@@ -83,6 +83,14 @@ def extract(spark, logs: str, start: str | None, end: str | None, window_days: f
     return Extracted(tables, oi, oc, imp_days)
 
 
+def read_counts(tables: dict) -> dict[str, int]:
+    """Rows of each raw table, counted apart from the flagging (one job)."""
+    parts = [tables[t].df.select(F.lit(t).alias("t")) for t in TABLES]
+    u = parts[0].unionByName(parts[1]).unionByName(parts[2])
+    got = {r["t"]: int(r["count"]) for r in u.groupBy("t").count().collect()}
+    return {t: got.get(t, 0) for t in TABLES}
+
+
 def check_conservation(counts: dict, read: dict) -> dict:
     """Per table ``read == used + rejected + out_of_range``; returns the used counts."""
     used = {}
@@ -136,7 +144,7 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
               ex.outside_impressions, ex.outside_clicks)
     fl = Flagged(*(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (fl.impressions, fl.clicks, fl.conversions)))
     try:
-        read = {t: ex.tables[t].df.count() for t in TABLES}
+        read = read_counts(ex.tables)
         counts = reason_counts(fl)
         used = check_conservation(counts, read)
         reject_counts = {f"{t}.{r}": counts[t].get(r, 0) for t in TABLES for r in REASONS[t]}
@@ -149,7 +157,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
             "click", "conversion", F.col("user_id").cast("string").alias("_user_raw"),
             F.col("item_id").cast("string").alias("_item_raw"), *[F.col(n) for n in feats])
         vocab = build_vocab(samples.where(F.col("dt").isin(train_days)), fields).persist(StorageLevel.MEMORY_AND_DISK)
-        sizes = vocab_sizes(vocab, [f["name"] for f in fields if not f.get("hash_buckets")])
+        values = collect_vocab(vocab, fields)
+        sizes = {name: len(v) + 1 for name, v in values.items()}
         mfields = []
         for f in fields:
             m = {"name": f["name"], "kind": f["kind"],
@@ -157,7 +166,7 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
                  "group": f["group"]}
             m.update({k: f[k] for k in ("min_count", "hash_buckets") if k in f})
             mfields.append(m)
-        encoded = encode_columns(samples, fields, vocab, keep=KEEP)
+        encoded = encode_columns(samples, fields, values, keep=KEEP)
         splits = {"train": encoded.where(F.col("dt").isin(train_days)),
                   "test": encoded.where(F.col("dt").isin(test_days))}
 

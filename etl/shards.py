@@ -139,59 +139,77 @@ def write_dataset(spark, out: str, splits: dict[str, DataFrame], fields: list[di
     staging = f"{out}.staging-{uuid.uuid4().hex[:12]}"
     fs.mkdirs(spark, staging)
 
+    # All splits in one frame, persisted once: one stats pass, one distinct pass, one write.
+    names = list(splits)
+    sel = {n: _shard_columns(df, fields, n) for n, df in splits.items()}
+    parts = []
+    for n, df in splits.items():
+        extra_cols = [F.col(c).alias(c) for c in {user_field, item_field} if c and c in df.columns
+                      and c not in {"sample_id", "ts", "dt", "click", "conversion"} and c.startswith("_")]
+        parts.append(df.select(F.lit(n).alias("_split"), F.col("dt").cast("string").alias("dt"), *sel[n],
+                               *extra_cols))
+    allrows = parts[0]
+    for p in parts[1:]:
+        allrows = allrows.unionByName(p, allowMissingColumns=True)
+    allrows = allrows.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        per_day: dict[str, dict] = {n: {} for n in names}
+        for r in allrows.groupBy("_split", "dt").agg(
+                F.count(F.lit(1)).alias("n"), F.sum(F.col("click").cast("long")).alias("y"),
+                F.sum(F.col("conversion").cast("long")).alias("z")).collect():
+            if r["dt"] is None:
+                raise ValueError(f"split {r['_split']!r} has rows with a null dt")
+            per_day[r["_split"]][r["dt"]] = r
+        uniq = {r["_split"]: r for r in allrows.groupBy("_split").agg(
+            _distinct_expr(allrows, user_field).alias("u"), _distinct_expr(allrows, item_field).alias("i")).collect()}
+        n_groups = sum(len(v) for v in per_day.values()) * shards
+        raw = posixpath.join(staging, "_raw")
+        shard_of = F.pmod(F.xxhash64(F.col("sample_id")), F.lit(shards)).cast("int")
+        order = F.xxhash64(F.col("sample_id"), F.lit(seed))
+        cols = [c for c in parts[0].columns if not c.startswith("_") and c != "dt"]  # the shard columns
+        (allrows.select("_split", "dt", shard_of.alias("_shard"), order.alias("_order"), *cols)
+         .repartition(max(1, n_groups), "_split", "dt", "_shard")
+         .sortWithinPartitions("_split", "dt", "_shard", "_order", "sample_id")
+         .drop("_order")
+         .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
+         .partitionBy("_split", "dt", "_shard").parquet(raw))
+        schema = allrows.select(*cols).schema
+    finally:
+        allrows.unpersist()
+
     manifest_splits: dict[str, dict] = {}
     template = None
-    for split, df in splits.items():
-        sel = _shard_columns(df, fields, split)
-        df = df.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            per_day = {r["dt"]: r for r in df.groupBy("dt").agg(
-                F.count(F.lit(1)).alias("n"), F.sum(F.col("click").cast("long")).alias("y"),
-                F.sum(F.col("conversion").cast("long")).alias("z")).collect()}
-            if any(d is None for d in per_day):
-                raise ValueError(f"split {split!r} has rows with a null dt")
-            days = sorted(per_day)
-            uniq = df.agg(_distinct_expr(df, user_field).alias("u"), _distinct_expr(df, item_field).alias("i")).first()
-            raw = posixpath.join(staging, "_raw", split)
-            shard_of = F.pmod(F.xxhash64(F.col("sample_id").cast("string")), F.lit(shards)).cast("int")
-            order = F.xxhash64(F.col("sample_id").cast("string"), F.lit(seed))
-            (df.select(F.col("dt").cast("string").alias("dt"), shard_of.alias("_shard"),
-                       order.alias("_order"), *sel)
-             .repartition(max(1, len(days) * shards), "dt", "_shard")
-             .sortWithinPartitions("dt", "_shard", "_order", "sample_id")
-             .drop("_order")
-             .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
-             .partitionBy("dt", "_shard").parquet(raw))
-            schema = df.select(*sel).schema
-        finally:
-            df.unpersist()
+    for split in names:
+        days = sorted(per_day[split])
         files = []
         for day in days:
             for k in range(shards):
-                src_dir = posixpath.join(raw, f"dt={day}", f"_shard={k}")
-                parts = [p for p in fs.walk_files(spark, src_dir) if p.endswith(".parquet")]
+                src_dir = posixpath.join(raw, f"_split={split}", f"dt={day}", f"_shard={k}")
+                parts_ = [p for p in fs.walk_files(spark, src_dir) if p.endswith(".parquet")]
                 rel = f"{split}/dt={day}/part-{k:05d}.parquet"
                 dst = posixpath.join(staging, rel)
-                if len(parts) > 1:
-                    raise AssertionError(f"{src_dir} holds {len(parts)} files, expected one")
-                if parts:
-                    fs.rename(spark, posixpath.join(src_dir, parts[0]), dst)
+                if len(parts_) > 1:
+                    raise AssertionError(f"{src_dir} holds {len(parts_)} files, expected one")
+                if parts_:
+                    fs.rename(spark, posixpath.join(src_dir, parts_[0]), dst)
                 else:
                     if template is None:
-                        template = _empty_template(spark, schema, posixpath.join(staging, "_raw", "_empty"))
+                        template = _empty_template(spark, schema, posixpath.join(staging, "_empty"))
                     fs.copy(spark, template, dst)
                 files.append(rel)
+        pdays, u = per_day[split], uniq.get(split)
         manifest_splits[split] = {
             "days": days,
-            "impressions": int(sum(per_day[d]["n"] for d in days)),
-            "clicks": int(sum(per_day[d]["y"] or 0 for d in days)),
-            "conversions": int(sum(per_day[d]["z"] or 0 for d in days)),
-            "users": None if uniq["u"] is None else int(uniq["u"]),
-            "items": None if uniq["i"] is None else int(uniq["i"]),
+            "impressions": int(sum(pdays[d]["n"] for d in days)),
+            "clicks": int(sum(pdays[d]["y"] or 0 for d in days)),
+            "conversions": int(sum(pdays[d]["z"] or 0 for d in days)),
+            "users": None if u is None or u["u"] is None else int(u["u"]),
+            "items": None if u is None or u["i"] is None else int(u["i"]),
             "files": files,
-            "per_day": {d: {"impressions": int(per_day[d]["n"]), "clicks": int(per_day[d]["y"] or 0),
-                            "conversions": int(per_day[d]["z"] or 0)} for d in days},
+            "per_day": {d: {"impressions": int(pdays[d]["n"]), "clicks": int(pdays[d]["y"] or 0),
+                            "conversions": int(pdays[d]["z"] or 0)} for d in days},
         }
+    fs.delete(spark, posixpath.join(staging, "_empty"))
     fs.delete(spark, posixpath.join(staging, "_raw"))
 
     rej = rejects if rejects is not None else spark.createDataFrame([], REJECTS_SCHEMA)

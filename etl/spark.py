@@ -28,6 +28,14 @@ def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | Non
         "spark.driver.memory": os.environ.get("ESMM_SPARK_DRIVER_MEMORY", "4g"),
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
     }
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Under spark-submit its --conf / --properties-file settings (system properties of
+        # the driver JVM) win over these defaults; builder options would override them.
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()
+        props = SparkContext._jvm.java.lang.System.getProperties()
+        defaults = {k: v for k, v in defaults.items() if props.getProperty(k) is None}
     for k, v in {**defaults, **(conf or {})}.items():
         b = b.config(k, v)
     spark = b.getOrCreate()

@@ -142,8 +142,14 @@ def resolve(cfg: SynthConfig) -> SynthConfig:
 
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name != "start" and v is not None and not isinstance(v, (int, float)) or isinstance(v, bool):
+        if f.name == "start" or v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError(f"synth: {f.name}={v!r}: must be a number")
+        if "int" in str(f.type) and int(v) != v:
+            raise InputError(f"synth: {f.name}={v!r}: must be an integer")
+    cfg = replace(cfg, **{f.name: int(getattr(cfg, f.name)) for f in fields(cfg)
+                          if "int" in str(f.type) and getattr(cfg, f.name) is not None})
     need(cfg.impressions >= 1, "impressions", "must be >= 1")
     need(cfg.days >= 1, "days", "must be >= 1")
     need(cfg.seed >= 0, "seed", "must be >= 0")
@@ -159,7 +165,7 @@ def resolve(cfg: SynthConfig) -> SynthConfig:
     need(cfg.window_days >= 1, "window_days", "must be >= 1")
     need(cfg.delay_median_hours > 0, "delay_median_hours", "must be > 0")
     for name in ("dim_shared", "dim_click", "dim_convert", "positions"):
-        need(int(getattr(cfg, name)) == getattr(cfg, name) and getattr(cfg, name) >= 1, name, "must be an integer >= 1")
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
     for name in ("user_zipf", "item_zipf", "hist_len", "hist_shop_len"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     n = cfg.impressions
@@ -167,17 +173,17 @@ def resolve(cfg: SynthConfig) -> SynthConfig:
     items = cfg.items if cfg.items is not None else max(50, n // 300)
     cfg = replace(cfg, users=users, items=items)
     for name in ("users", "items"):
-        need(int(getattr(cfg, name)) == getattr(cfg, name) and getattr(cfg, name) >= 1, name, "must be an integer >= 1")
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
     cats = cfg.categories if cfg.categories is not None else int(np.clip(2 * math.sqrt(items), 5, 2000))
     cfg = replace(cfg, categories=cats)
-    need(int(cats) == cats and cats >= 1, "categories", "must be an integer >= 1")
+    need(cats >= 1, "categories", "must be >= 1")
     brands = cfg.brands if cfg.brands is not None else max(cats, items // 10)
     shops = cfg.shops if cfg.shops is not None else max(5, items // 20)
     cities = cfg.cities if cfg.cities is not None else int(np.clip(users // 100, 5, 400))
     cfg = replace(cfg, brands=brands, shops=shops, cities=cities)
-    need(int(brands) == brands and brands >= cats, "brands", f"must be an integer >= categories ({cats})")
+    need(brands >= cats, "brands", f"must be >= categories ({cats})")
     for name in ("shops", "cities"):
-        need(int(getattr(cfg, name)) == getattr(cfg, name) and getattr(cfg, name) >= 1, name, "must be an integer >= 1")
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
     return cfg
 
 
@@ -414,8 +420,10 @@ def ids(prefix: str, idx: np.ndarray, width: int, suffix: str = "") -> pa.Array:
         rest //= 10
     if len(s):
         buf[:, len(p) + width:] = np.frombuffer(s, np.uint8)
-    offsets = np.arange(len(idx) + 1, dtype=np.int64) * L
-    return pa.LargeStringArray.from_buffers(len(idx), pa.py_buffer(offsets), pa.py_buffer(buf)).cast(pa.string())
+    if len(idx) * L >= 2**31:
+        raise ValueError("ids: too many for int32 offsets; use a smaller chunk_size")
+    offsets = np.arange(len(idx) + 1, dtype=np.int32) * np.int32(L)
+    return pa.StringArray.from_buffers(len(idx), pa.py_buffer(offsets), pa.py_buffer(buf))
 
 
 def _width(n: int) -> int:

@@ -130,13 +130,32 @@ def _lookup_tables(bc, key: str):
     return _LOOKUP_CACHE[key]
 
 
-def encode_columns(df: DataFrame, fields: list[dict], vocab: DataFrame, keep: list[str]) -> DataFrame:
+def collect_vocab(vocab: DataFrame, fields: list[dict]) -> dict[str, list[str]]:
+    """``{field: [value of id 1, value of id 2, ...]}`` for the vocab-kind fields (one job).
+
+    ``len(values[f]) + 1`` is the field's vocab_size.
+    """
+    vf = [f["name"] for f in fields if not f.get("hash_buckets")]
+    values: dict[str, list] = {f: [] for f in vf}
+    if vf:
+        tab = vocab.where(F.col("field").isin(vf)).orderBy("field", "id").toArrow()
+        for fld, val, i in zip(tab.column("field").to_pylist(), tab.column("value").to_pylist(),
+                               tab.column("id").to_pylist()):
+            lst = values[fld]
+            if i != len(lst) + 1:
+                raise AssertionError(f"vocab ids of field {fld!r} are not 1..n")
+            lst.append(val)
+    return values
+
+
+def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) -> DataFrame:
     """Replace each field column by its ids (list<int64>) and weights (list<float32>).
 
     Args:
         df (DataFrame): wide frame with the ``keep`` columns and one column per field.
         fields (list[dict]): ``{"name", "kind", "min_count" | "hash_buckets"}``.
-        vocab (DataFrame): from :func:`build_vocab`; collected to the driver and broadcast.
+        vocab (DataFrame | dict): from :func:`build_vocab` (collected to the driver) or
+            :func:`collect_vocab`'s dict; broadcast to the workers.
         keep (list[str]): columns passed through unchanged.
 
     Returns:
@@ -148,16 +167,7 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab: DataFrame, keep: li
     import pyarrow.compute as pc
 
     spark = df.sparkSession
-    vf = [f for f in fields if not f.get("hash_buckets")]
-    values: dict[str, list] = {f["name"]: [] for f in vf}
-    if vf:
-        tab = vocab.where(F.col("field").isin([f["name"] for f in vf])).orderBy("field", "id").toArrow()
-        for fld, val, i in zip(tab.column("field").to_pylist(), tab.column("value").to_pylist(),
-                               tab.column("id").to_pylist()):
-            lst = values[fld]
-            if i != len(lst) + 1:
-                raise AssertionError(f"vocab ids of field {fld!r} are not 1..n")
-            lst.append(val)
+    values = vocab if isinstance(vocab, dict) else collect_vocab(vocab, fields)
     bc = spark.sparkContext.broadcast(values)
     token = uuid.uuid4().hex  # names this broadcast in the workers' lookup cache
 

@@ -38,6 +38,7 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from train.data import load_manifest, manifest_fields
     from train.local import check_fields, evaluate_dir, load_model
+    from train.metrics import jsonable
 
     model, cfg = load_model(args.model)
     manifest = load_manifest(args.data)
@@ -46,7 +47,7 @@ def _main(argv) -> int:
     m = evaluate_dir(model, args.data, args.split, ctr, manifest)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(m, indent=2, default=float) + "\n")
+    out.write_text(json.dumps(jsonable(m), indent=2) + "\n")
     keys = ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc")
     print(f"esmm evaluate: {cfg['model']} on {args.split}: " +
           ", ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), float)) + f" -> {out}")

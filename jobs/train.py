@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="DATA dir (manifest.json + shards, from `esmm etl`)")
     p.add_argument("--out", required=True, help="MODEL dir to write")
     p.add_argument("--model", default="esmm", choices=list(MODELS), help="model name (default esmm)")
-    p.add_argument("--epochs", type=int, help="epochs (default 2; early stopping on validation loss)")
+    p.add_argument("--epochs", type=int, help="most epochs (default 8; early stopping on validation loss)")
     p.add_argument("--batch-size", type=int, help="batch size (default 2048)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="Ray Train workers (0 = train in this process)")
     p.add_argument("--address", help="Ray cluster address (default: start a local one)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per Ray worker (default 0.5: "
+                   "leaves cores to Ray Data's read tasks)")
+    p.add_argument("--max-failures", type=int, default=2, help="Ray Train restarts from the last checkpoint")
     return p
 
 

@@ -19,6 +19,10 @@ import pytest
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60 turns token auth on for `ray start` whenever ~/.ray/auth_token exists (any
+# `ray.init()` of a local cluster writes one), but a client given an explicit address
+# never sends it: the test clusters run without auth so tests do not depend on that file.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -54,6 +58,9 @@ def ray_start_2_cpus():
         _ray_bin(), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
         "--ray-client-server-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+        # the dashboard agent serves job submission; its default port (52365) clashes
+        # with any other cluster on the machine, so it gets a free one too
+        "--dashboard-agent-listen-port", str(free_port()),
         "--temp-dir", tmp, "--disable-usage-stats",
     ]
     # The venv's bin first: `ray job submit` entrypoints say `python ...`, which the raylet

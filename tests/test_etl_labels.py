@@ -127,17 +127,49 @@ def test_shard_schema_matches_contract(crafted):
     assert not any(n.startswith("_") or n == "dt" for n in s.names)
 
 
-def test_json_lines_input_same_labels(spark, crafted):
+SPEC = """
+fields:
+  - {name: user_id, kind: single, group: user}
+  - {name: item_id, min_count: 2}
+  - {name: hist, kind: multi, hash_buckets: 8, group: history}
+  - {name: shop, kind: weighted}
+"""
+
+
+def test_rerun_gives_same_rows_and_counts(spark, crafted):
+    out = crafted["out"]
+    m1 = json.loads((out / "manifest.json").read_text())
+    before = {f: pq.read_table(out / f).to_pylist() for s in ("train", "test") for f in m1["splits"][s]["files"]}
+    m2 = run_etl(spark, str(crafted["logs"]), str(out), shards=2)
+    after = {f: pq.read_table(out / f).to_pylist() for s in ("train", "test") for f in m2["splits"][s]["files"]}
+    assert after == before  # same files, same rows, same order
+    for k in ("splits", "read", "rejects", "used", "fields", "out_of_range"):
+        assert m2[k] == m1[k]
+    assert not [p for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+
+
+def test_json_lines_input_same_labels_and_feature_spec(spark, crafted):
+    """JSON Lines (ts as epoch ms and ISO strings, a corrupt line) and a feature spec."""
     logs = C.write_jsonl(crafted["root"] / "logs_json")
     out = crafted["root"] / "data_json"
-    m = run_etl(spark, str(logs), str(out), shards=1)
+    spec = crafted["root"] / "spec.yaml"
+    spec.write_text(SPEC)
+    m = run_etl(spark, str(logs), str(out), features=str(spec), shards=1)
     assert m["inputs"]["formats"] == {"impressions": "json", "clicks": "json", "conversions": "json"}
+    fields = {f["name"]: f for f in m["fields"]}
+    assert list(fields) == ["user_id", "item_id", "hist", "shop"]
+    assert (fields["item_id"]["min_count"], fields["item_id"]["vocab_size"], fields["item_id"]["group"]) == (2, 3, "item")
+    assert (fields["hist"]["hash_buckets"], fields["hist"]["vocab_size"], fields["hist"]["group"]) == (8, 9, "history")
+    assert vocab(out, "item_id") == {"a": 1, "b": 2}  # c is seen once in train: below min_count
+    assert not (out / "vocab" / "field=hist").exists()
     want = dict(C.REJECTS, **{"impressions.malformed": C.REJECTS["impressions.malformed"] + 1})  # + corrupt line
     assert m["rejects"] == want
     rows = read_split(out, "train") + read_split(out, "test")
     assert {r["sample_id"]: (r["click"], r["conversion"]) for r in rows} == C.LABELS
     t = {r["sample_id"]: r for r in rows}
     assert t["i1"]["shop__w"] == [0.5, 2.0]
+    assert t["i11"]["item_id"] == [0] and "pos" not in t["i1"]
+    assert all(1 <= h <= 8 for r in rows for h in r["hist"]) and len(t["i1"]["hist"]) == 2
     rej = pads.dataset(out / "rejects", format="parquet").to_table().to_pylist()
     assert any(r["row"].startswith('{"impression_id": "broken"') for r in rej)
 

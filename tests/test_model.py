@@ -15,7 +15,7 @@ from train.jagged import Batch, KeyedJagged, take_rows
 from train.model import ESMM, EsmmConfig, esmm_loss, log1mexp
 
 FIELDS = [FieldConfig("user", "single", 7), FieldConfig("hist", "multi", 11)]
-SMALL = EsmmConfig(dim=4, hidden=(8, 4))
+SMALL = EsmmConfig(dim=4, hidden=(8, 4), embedding="plain")  # .weight is inspectable
 
 
 def make_batch(click, conversion, seed=0) -> Batch:
@@ -106,11 +106,13 @@ def test_shared_vs_not_shared_and_dense_apart():
     assert esmm.embeddings[0].weight.grad is not None
 
 
-def test_every_model_trains_one_step():
+@pytest.mark.parametrize("embedding", ["plain", "sharded"])
+def test_every_model_trains_one_step(embedding):
+    cfg = EsmmConfig(dim=4, hidden=(8, 4), embedding=embedding)
     batch = make_batch([1, 0, 1, 0, 1, 1], [1, 0, 0, 0, 1, 0])
-    ctr = build_model("ctr", FIELDS, SMALL)
+    ctr = build_model("ctr", FIELDS, cfg)
     for name in MODELS:
-        m = build_model(name, FIELDS, SMALL)
+        m = build_model(name, FIELDS, cfg)
         if name == "unbias":
             m.set_ctr_model(ctr)
         opts = m.make_optimizers()
@@ -168,7 +170,7 @@ def test_unbias_weights_clicked_rows_by_clipped_inverse_pctr():
         ctr.dense.towers[0].net[-1].bias.fill_(-2.0)
         ctr.embeddings[0].weight.normal_(0, 2.0)
     batch = make_batch([1, 0, 1, 1, 1, 0, 1, 1], [0, 0, 1, 0, 0, 0, 1, 0])
-    m = build_model("unbias", FIELDS, EsmmConfig(dim=4, hidden=(8, 4), unbias_clip=8.5))
+    m = build_model("unbias", FIELDS, EsmmConfig(dim=4, hidden=(8, 4), unbias_clip=8.5, embedding="plain"))
     m.set_ctr_model(ctr)
     view = m.train_view(batch)
     clicked = torch.tensor([0, 2, 3, 4, 6, 7])
@@ -185,7 +187,7 @@ def test_unbias_weights_clicked_rows_by_clipped_inverse_pctr():
 
 def test_division_two_networks_and_clamped_ratio():
     torch.manual_seed(0)
-    m = build_model("division", FIELDS, EsmmConfig(dim=4, hidden=(8,), division_min_ctr=0.05))
+    m = build_model("division", FIELDS, EsmmConfig(dim=4, hidden=(8,), division_min_ctr=0.05, embedding="plain"))
     batch = make_batch([1, 0, 1, 0], [1, 0, 0, 0])
     with torch.no_grad():  # make pCTCVR > pCTR on some rows and pCTR tiny on others
         m.dense.towers[0].net[-1].bias.fill_(-3.0)

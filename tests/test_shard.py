@@ -344,3 +344,19 @@ def test_init_and_reshard_do_not_depend_on_world(tmp_path):
         assert torch.equal(full_rows([g[0]["w"] for g in got]), table)
         assert torch.equal(torch.cat([g[0]["s"] for g in got]).sort().values, state)
         assert got[0][1] == {"step": 9}
+
+
+def test_bf16_towers_keep_fp32_outputs_and_keys():
+    from train.device import bf16_towers
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(32, 16)
+    want = dense(x)
+    keys = list(dense.state_dict())
+    bf16_towers(dense, "cpu")
+    got = dense(x)
+    assert got.dtype == torch.float32 and list(dense.state_dict()) == keys
+    assert dense[0].weight.dtype == torch.float32  # parameters stay fp32
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # bf16 matmuls: close, not equal
+    assert not torch.equal(got, want)

@@ -32,6 +32,7 @@ from train.embedding import FieldConfig
 from train.errors import InputError
 from train.evaluate import predict, read_truth, score, truth_dir
 from train.loop import TrainConfig, fit, view_loss
+from train.metrics import jsonable
 from train.model import EmbeddingFactory, EsmmConfig
 
 
@@ -175,5 +176,5 @@ def train_on_data(data_dir: str, out_dir: str, name: str, config_file: str | Non
         ctr_model = model.ctr_model
     metrics = evaluate_dir(model, data_dir, "test", ctr_model, manifest)
     metrics["training"] = result
-    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2) + "\n")
     return metrics

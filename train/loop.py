@@ -30,7 +30,7 @@ from train.jagged import Batch
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 8  # at most; early stopping on the validation loss usually ends it sooner
     batch_size: int = 2048
     seed: int = 0
     patience: int = 1  # stop after this many epochs without a better validation loss; 0 = never

@@ -1,6 +1,8 @@
 """Metrics over a whole set (never averaged over batches): AUC, log loss, calibration."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -67,3 +69,16 @@ def calibration(labels, probs, bins: int = 10) -> dict:
     return {"mean_pred": mean_pred, "observed": rate,
             "ratio": mean_pred / rate if rate > 0 else float("nan"),
             "curve": reliability_curve(y, p, bins)}
+
+
+def jsonable(obj):
+    """``obj`` with NaN/inf floats as None (strict JSON) and numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

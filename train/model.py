@@ -42,6 +42,8 @@ class EsmmConfig:
     sparse_optimizer: str = "adam"  # embedding rows: adam (lazy) | adagrad (row-wise where supported)
     sparse_lr: float | None = None  # None = lr
     init_std: float = 0.01
+    embedding: str = "sharded"  # sharded: train/shard's collection at world size 1 (lazy row-wise
+    #                             optimizers, deduplicated lookups; the fast path) | plain: the reference
     # baselines (see train/baselines.py)
     aman_rate: float = 0.1  # AMAN: fraction of unclicked impressions sampled in as negatives
     oversample_k: int = 5  # OVERSAMPLING: each converted clicked sample appears k times
@@ -68,7 +70,19 @@ EmbeddingFactory = Callable[[list[FieldConfig], int], nn.Module]
 
 
 def default_embedding_factory(cfg: EsmmConfig) -> EmbeddingFactory:
-    return lambda fields, dim: EmbeddingCollection(fields, dim, init_std=cfg.init_std)
+    """One process: ``cfg.embedding`` picks the collection; every table draws its init
+    from torch's global generator, so seeds differ and ESMM-NS's two tables differ."""
+    if cfg.embedding == "plain":
+        return lambda fields, dim: EmbeddingCollection(fields, dim, init_std=cfg.init_std)
+    if cfg.embedding != "sharded":
+        raise KeyError(f"unknown embedding {cfg.embedding!r} (sharded | plain)")
+    from train.shard import ShardedEmbeddingCollection
+
+    def make(fields, dim):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        return ShardedEmbeddingCollection(fields, dim, init_std=cfg.init_std, seed=seed)
+
+    return make
 
 
 # ---------------------------------------------------------------- towers (pluggable)

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from train.metrics import jsonable
+
 NAMES = {"base": "BASE", "aman": "AMAN", "oversampling": "OVERSAMPLING", "unbias": "UNBIAS",
          "division": "DIVISION", "esmm-ns": "ESMM-NS", "esmm": "ESMM", "ctr": "CTR (independent)"}
 COLUMNS = [("cvr_auc", "CVR AUC (clicked)"), ("ctcvr_auc", "CTCVR AUC (all)"),
@@ -141,7 +143,7 @@ def plot_calibration(report: dict, path: Path) -> None:
 def write_report(report: dict, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     plot_auc(report, out / "auc.png")
     plot_calibration(report, out / "calibration.png")

@@ -170,6 +170,8 @@ def train_args(data: str, out: str, params: dict) -> list[str]:
     """``jobs.train`` and its arguments (``--address auto``: the Ray cluster the job runs on)."""
     args = ["jobs.train", "--data", data, "--out", out, "--model", params["model"],
             "--epochs", str(params["epochs"]), "--workers", str(params["workers"]), "--address", "auto"]
+    if params.get("batch_size") is not None:
+        args += ["--batch-size", str(params["batch_size"])]
     if params.get("lr") is not None:
         args += ["--lr", repr(float(params["lr"]))]
     return args
@@ -227,6 +229,7 @@ def _xplan(key: str) -> str:
         "workers": Param(2, type="integer", minimum=0,
                          description="Ray Train workers (0: train inside the Ray job's driver process)"),
         "epochs": Param(2, type="integer", minimum=1),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, description="null: the trainer's default"),
         "lr": Param(None, type=["null", "number"], minimum=0,
                     description="learning rate override (0 trains nothing: a deliberately worse model)"),
         "tolerance": Param(0.005, type="number", minimum=0,
@@ -238,6 +241,8 @@ def _xplan(key: str) -> str:
                                  description="code shipped with each Ray job; empty when the image has it"),
         "code_dir": Param(str(REPO), type="string", description="repo holding jobs/etl.py for spark-submit"),
         "spark_driver_memory": Param("2g", type="string"),
+        "spark_shuffle_partitions": Param(400, type="integer", minimum=1,
+                                          description="about 2-3x the cluster's executor cores (AQE coalesces)"),
     },
 )
 def esmm_daily():
@@ -271,7 +276,10 @@ def esmm_daily():
         application="{{ params.code_dir }}/jobs/etl.py",
         properties_file="{{ params.code_dir }}/infra/spark/spark-defaults.conf",
         name="esmm-etl-{{ ds }}",
-        conf={"spark.driver.memory": "{{ params.spark_driver_memory }}"},
+        conf={
+            "spark.driver.memory": "{{ params.spark_driver_memory }}",
+            "spark.sql.shuffle.partitions": "{{ params.spark_shuffle_partitions }}",
+        },
         application_args=[
             "--logs", "{{ params.log_root }}",
             "--out", _xplan("data"),

@@ -1,0 +1,93 @@
+"""End to end on a tiny DATA dir: `esmm experiment`, `esmm train`, `esmm evaluate`, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shard_writer import write_data
+
+TINY = ["--batch-size", "256", "--set", "dim=4", "--set", "hidden=16,8", "--set", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("exp"), n_train=1600, n_test=800, seed=1)
+
+
+def test_experiment_end_to_end(data, tmp_path, capsys):
+    from jobs.experiment import main
+
+    out = tmp_path / "report"
+    rc = main(["--data", str(data), "--out", str(out), "--models", "base,unbias,division,esmm-ns,esmm",
+               "--seeds", "2", "--epochs", "2", "--no-progress", *TINY])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| ESMM |" in printed and "| BASE |" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and report["entire_space"] is True
+    s = report["summary"]
+    for name in ("base", "unbias", "division", "esmm-ns", "esmm"):
+        for metric in ("cvr_auc", "ctcvr_auc", "entire_cvr_auc"):
+            assert len(s[name][metric]["values"]) == 2, (name, metric)
+            assert 0 <= s[name][metric]["mean"] <= 1 and s[name][metric]["std"] >= 0
+    assert len(s["ctr"]["ctr_auc"]["values"]) == 2  # the independent CTR model, per seed
+    # the protocol: baselines' pCTCVR uses the independent ctr model, ESMM its own pCTR
+    for name in ("base", "unbias", "division"):
+        assert {r["ctcvr_pctr"] for r in report["per_seed"][name]} == {"ctr model"}
+    for name in ("esmm", "esmm-ns"):
+        assert {r["ctcvr_pctr"] for r in report["per_seed"][name]} == {"own"}
+    # every model is scored on the same test rows
+    n = {r["n"] for runs in report["per_seed"].values() for r in runs}
+    assert n == {800}
+    assert set(report["checks"]) == {"cvr_auc", "ctcvr_auc", "entire_cvr_auc"}
+    md = (out / "report.md").read_text()
+    assert "Table 2" in md and md.count("\n| ") >= 2 + 5
+    for png in ("auc.png", "calibration.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_then_evaluate_agree(data, tmp_path):
+    from jobs.evaluate import main as evaluate
+    from jobs.train import main as train
+
+    model = tmp_path / "m"
+    assert train(["--data", str(data), "--out", str(model), "--model", "esmm", "--epochs", "1",
+                  "--no-progress", *TINY]) == 0
+    assert {p.name for p in model.iterdir()} == {"model.pt", "config.json", "metrics.json"}
+    trained = json.loads((model / "metrics.json").read_text())
+    assert trained["model"] == "esmm" and trained["n"] == 800
+    for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc", "ctr_logloss", "cvr_logloss",
+              "ctcvr_logloss", "cvr_calibration"):
+        assert k in trained, k
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["model_cfg"]["dim"] == 4 and cfg["model_cfg"]["hidden"] == [16, 8]
+    assert evaluate(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc"):
+        assert again[k] == trained[k]
+
+
+def test_python_m_jobs_train_runs_standalone(data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(data), "--out", str(tmp_path / "b"),
+                        "--model", "base", "--epochs", "1", "--no-progress", *TINY],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "esmm train: base" in r.stdout
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "/nonexistent/data", "--out", "/tmp/x"], "/nonexistent/data"),
+    (["--set", "no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["--set", "dim=abc"], "'dim'"),
+    (["--model", "nope"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys, argv, needle):
+    from jobs.train import main
+
+    base = ["--data", str(data), "--out", str(tmp_path / "m"), "--epochs", "1", "--no-progress"]
+    rc = main(base + argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1 and err.startswith("esmm: error:")

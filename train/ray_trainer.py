@@ -1,0 +1,415 @@
+"""Ray Train data-parallel training with the row-wise sharded embedding.
+
+    esmm train --data DATA --out MODEL --workers 2                 # local cluster on 127.0.0.1
+    esmm train --data DATA --out MODEL --workers 2 --address 127.0.0.1:6379
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.train --data DATA --out MODEL --workers 2
+
+The driver (``run_training``) reads the manifest, hands the train split's files to Ray
+Data (``read_parquet``) and starts a ``TorchTrainer``. Each worker
+(``train_loop_per_worker``) builds the model with a ``ShardedEmbeddingCollection`` on
+the shard process group, wraps the dense towers in DDP and calls ``train.loop.fit`` —
+the one training loop — with:
+
+- batches: its ``get_dataset_shard("train")`` stream, ``iter_batches(batch_format=
+  "pyarrow")`` -> ``train.data.arrow_to_batch``; the global batch is ``batch_size``,
+  each of W workers takes ``batch_size // W`` rows of it. Every rank steps in lockstep
+  (a 1-int all-reduce per step) because every step is an all-to-all.
+- checkpoints: ``ray.train.report(checkpoint=...)`` from every rank; the checkpoint
+  dir holds ``shard-rank={r}.pt`` (the rank's rows + the optimizer state living with
+  them, train/shard/checkpoint.py) and, from rank 0, ``dense.pt`` (dense weights, dense
+  optimizer, data position = epoch + batches consumed, early-stopping state, config).
+- restarts: ``FailureConfig(max_failures)``; a restarted worker group resumes from the
+  latest checkpoint at the step it recorded; restoring with a different number of
+  workers re-shards the rows.
+
+At the end every rank reports the final (best-epoch) model; the driver assembles the
+whole table (re-sharding to world 1), writes MODEL/ like ``esmm train`` does
+(model.pt, config.json) and evaluates it on the test split (metrics.json).
+
+Validation (early stopping) holds out the last ``val_fraction`` of the training rows in
+manifest order (the latest rows; no shuffle of a big dataset is needed).
+GPU (``--gpus-per-worker``): NCCL, bf16 towers, fp32 rows, pinned batches (train/device.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.embedding import FieldConfig
+from train.errors import InputError
+from train.jagged import Batch, take_batch
+from train.loop import TrainConfig, fit, step_generator
+from train.model import EsmmConfig
+from train.shard.checkpoint import load_shard, merge_state, plain_keys, save_shard, split_state, wrapped_keys
+
+DENSE_FILE = "dense.pt"
+FAIL_ENV = "ESMM_TEST_FAIL_AT"  # tests only: "EPOCH:STEP:RANK:MARKER" kills that worker once
+
+
+@dataclass
+class RayConfig:
+    """How the job runs on Ray (not part of the model's config)."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5  # leaves CPU to Ray Data's read tasks on a small machine
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+    storage_path: str | None = None  # default MODEL/ray
+    name: str = "train"
+    resume: bool = False  # continue the run under storage_path/name (else it is cleared)
+    fail_at: dict | None = field(default=None)  # tests only, see FAIL_ENV
+
+
+# ---------------------------------------------------------------- the worker
+
+def _lockstep(it, device, world: int):
+    """Yield items while EVERY rank still has one: all ranks take the same number of steps."""
+    it = iter(it)
+    while True:
+        item = next(it, None)
+        if world > 1:
+            flag = torch.tensor([0 if item is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag) == 0:
+                return
+        elif item is None:
+            return
+        yield item
+
+
+def _nonempty(view: Batch, batch: Batch) -> Batch:
+    """A view with no rows (BASE on a batch without clicks) as one zero-weight row, so this
+    rank still joins the step's all-to-alls and DDP's all-reduce with zero gradients."""
+    if view.size:
+        return view
+    return take_batch(batch, torch.zeros(1, dtype=torch.long), weight=torch.zeros(1))
+
+
+def _maybe_fail(fail_at: dict | None, epoch: int, step: int, rank: int) -> None:
+    if not fail_at or (epoch, step, rank) != (fail_at["epoch"], fail_at["step"], fail_at["rank"]):
+        return
+    marker = Path(fail_at["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+    # Ray Train's controller collects reported checkpoints when it polls the workers
+    # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): a crash right after a report could
+    # lose it, so the fault waits a few polls, like a real crash long after a checkpoint.
+    time.sleep(float(fail_at.get("delay_s", 6.0)))
+    print(f"[esmm] test fault: killing rank {rank} at epoch {epoch} step {step}", flush=True)
+    os._exit(1)
+
+
+def _build(config: dict, group, device):
+    from train.baselines import NEEDS_CTR_MODEL, build_model
+    from train.shard import ShardedEmbeddingCollection
+
+    model_cfg = EsmmConfig.from_dict(config["model_cfg"])
+    seed = int(config["train_cfg"].get("seed", 0))
+    fields = [FieldConfig(**f) for f in config["fields"]]
+
+    def factory(fs, dim):
+        return ShardedEmbeddingCollection(fs, dim, init_std=model_cfg.init_std, group=group, seed=seed)
+
+    torch.manual_seed(seed)
+    model = build_model(config["model"], fields, model_cfg, factory)
+    if config["model"] in NEEDS_CTR_MODEL:
+        from train.local import load_model
+
+        model.set_ctr_model(load_model(config["ctr_model_dir"])[0].to(device))
+    return model.to(device)
+
+
+def _restore(model, directory: str, rank: int, world: int) -> dict:
+    rows, _ = load_shard(directory, rank, world)
+    rest = torch.load(Path(directory) / DENSE_FILE, map_location="cpu", weights_only=False)
+    state = merge_state(rows, rest)
+    for key in ("model", "best_model"):
+        if state.get(key) is not None:
+            state[key] = wrapped_keys(model, state[key])
+    return state
+
+
+def _report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, extra: dict) -> None:
+    import ray.train
+
+    rows, counts, rest = split_state(model, state)
+    for key in ("model", "best_model"):
+        if rest.get(key) is not None:
+            rest[key] = plain_keys(model, rest[key])
+    with tempfile.TemporaryDirectory(prefix="esmm-ckpt-") as d:
+        save_shard(d, rank, world, rows, counts, meta={"epoch": state.get("epoch"), "step": state.get("step")})
+        if rank == 0:
+            torch.save({**rest, **extra, "world": world}, Path(d) / DENSE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, restore if there is a checkpoint, ``fit``, report."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from train.data import arrow_to_batch
+    from train.device import bf16_towers, to_device
+    from train.shard import shard_group
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = bool(config["use_gpu"])
+    device = torch.device(ray.train.torch.get_device()) if use_gpu else torch.device("cpu")
+    train_cfg = TrainConfig.from_dict(config["train_cfg"])
+    if not use_gpu:  # the workers share the machine's cores
+        train_cfg.threads = max(1, int(config["threads_per_worker"]))
+    group = shard_group()
+    model = _build(config, group, device)
+    fields = model.fields
+    if use_gpu:
+        bf16_towers(model.dense, "cuda")
+    if world > 1:
+        model.dense = DDP(model.dense, device_ids=[device.index] if use_gpu else None)
+
+    start_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start_state = _restore(model, d, rank, world)
+        if rank == 0:
+            print(f"[esmm] resuming at epoch {start_state['epoch']} step {start_state['step']} "
+                  f"(global step {start_state['global_step']}, saved by {start_state.get('world')} workers)", flush=True)
+
+    local_bs = max(1, train_cfg.batch_size // world)
+    eval_bs = max(1, train_cfg.eval_batch_size // world)
+    seed, fail_at = train_cfg.seed, config.get("fail_at")
+
+    def view_of(batch: Batch, gen) -> Batch:
+        return _nonempty(model.train_view(batch, gen), batch)
+
+    def train_batches(epoch: int, start_step: int):
+        shard = ray.train.get_dataset_shard("train")
+        raw = shard.iter_batches(batch_size=local_bs, batch_format="pyarrow", prefetch_batches=2,
+                                 local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+                                 local_shuffle_seed=(seed * 1_000_003 + epoch) if config["shuffle_buffer"] else None)
+        for step, table in enumerate(_lockstep(raw, device, world)):
+            if step < start_step:  # resume: these batches were trained on before the restart
+                continue
+            _maybe_fail(fail_at, epoch, step, rank)
+            batch = arrow_to_batch(table, fields)
+            yield to_device(view_of(batch, step_generator(seed, epoch, step)), device)
+
+    def eval_fn(m) -> float:
+        shard = ray.train.get_dataset_shard("val")
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            for i, table in enumerate(_lockstep(shard.iter_batches(batch_size=eval_bs, batch_format="pyarrow"),
+                                                device, world)):
+                batch = arrow_to_batch(table, fields)
+                v = to_device(view_of(batch, step_generator(seed, -1, i)), device)
+                w = float(v.weight.sum()) if v.weight is not None else float(v.size)
+                total[0] += float(m.loss(v)) * w
+                total[1] += w
+        m.train(was)
+        if world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    extra = {"config": {k: config[k] for k in ("model", "model_cfg", "train_cfg", "fields")}}
+
+    def checkpoint_cb(state: dict) -> None:
+        metrics = {"epoch": state["epoch"], "step": state["step"], "global_step": state["global_step"]}
+        if state["history"]:
+            metrics["train_loss"] = state["history"][-1]["train_loss"]
+            metrics["val_loss"] = state["history"][-1]["val_loss"]
+        _report_checkpoint(model, state, rank, world, metrics, extra)
+        if rank == 0 and state["step"] == 0 and state["history"]:
+            h = state["history"][-1]
+            print(f"[esmm] epoch {h['epoch'] + 1}: train loss {h['train_loss']:.5f} val loss {h['val_loss']:.5f} "
+                  f"({h['samples'] * world} samples, {h['seconds']:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    result = fit(model, train_batches, eval_fn if config["has_val"] else None, train_cfg,
+                 checkpoint_cb=checkpoint_cb, start_state=start_state, progress=False, apply_view=False)
+    result.pop("optimizers", None)
+    result["seconds"] = time.perf_counter() - t0
+    # where this attempt started: > 0 after a restart from a checkpoint
+    result["resumed_at_global_step"] = int(start_state["global_step"]) if start_state else 0
+    final = {"model": model.state_dict(), "final": True}
+    _report_checkpoint(model, final, rank, world, {"final": 1, "global_step": result["steps"],
+                                                   "result": json.dumps(result, default=float)}, extra)
+
+
+# ---------------------------------------------------------------- the driver
+
+@contextmanager
+def ray_cluster(address: str | None, num_cpus: int | None = None):
+    """Connect to ``address`` (or RAY_ADDRESS, as under ``ray job submit``); with neither,
+    start a private local cluster bound to 127.0.0.1 and stop it afterwards."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield None
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
+        return
+    tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # a private cluster: token auth with a token of its own, held in the environment only
+    # (ray.init would otherwise write ~/.ray/auth_token, which turns auth on for every
+    # later `ray start` on the machine)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if saved["RAY_AUTH_MODE"] is None:
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    try:
+        ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                       _node_ip_address="127.0.0.1", _temp_dir=tmp, object_store_memory=512 * 2**20,
+                       log_to_driver=True)
+        try:
+            yield ctx.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _datasets(data_dir: str, manifest: dict, fields: list[FieldConfig], val_fraction: float):
+    import ray.data
+
+    from train.data import shard_columns, split_files
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one line per epoch from rank 0 is the progress report
+    # blocks keep the manifest's file order, so the validation rows and each worker's
+    # rows are the same on every run (a restarted run replays exactly what it skipped)
+    ctx.execution_options.preserve_order = True
+    files = split_files(data_dir, manifest, "train")
+    if not files:
+        raise InputError(f"{data_dir}/manifest.json: split 'train' lists no files")
+    ds = ray.data.read_parquet(files, partitioning=None).select_columns(shard_columns(fields, sample_id=False))
+    if val_fraction <= 0:
+        return {"train": ds}
+    train, val = ds.train_test_split(test_size=val_fraction, shuffle=False)  # the latest rows validate
+    return {"train": train, "val": val}
+
+
+def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
+                 ray_cfg: RayConfig, ctr_model_dir: str | None = None, address: str | None = None) -> dict:
+    """Train ``name`` on Ray; write MODEL/ (model.pt, config.json, metrics.json). Returns metrics."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from train.baselines import NEEDS_CTR_MODEL, build_model
+    from train.data import load_manifest, manifest_fields
+    from train.local import evaluate_dir, load_model, save_model
+
+    if ray_cfg.num_workers < 1:
+        raise InputError(f"--workers must be >= 1, got {ray_cfg.num_workers}")
+    if name in NEEDS_CTR_MODEL and not ctr_model_dir:
+        raise InputError(f"train: --model {name} with --workers needs --ctr-model (a trained `ctr` MODEL dir)")
+    manifest = load_manifest(data_dir)
+    fields = manifest_fields(manifest, model_cfg.pooling)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Path(ray_cfg.storage_path or out / "ray").resolve()
+    if not ray_cfg.resume and (storage / ray_cfg.name).exists():
+        shutil.rmtree(storage / ray_cfg.name)  # a fresh run; Ray Train would resume an old one
+    use_gpu = ray_cfg.gpus_per_worker > 0
+    cores = os.cpu_count() or 1
+    config = {
+        "model": name, "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(),
+        "fields": [asdict(f) for f in fields], "use_gpu": use_gpu,
+        "threads_per_worker": max(1, min(train_cfg.threads or cores, cores) // ray_cfg.num_workers),
+        "shuffle_buffer": 4 * max(1, train_cfg.batch_size // ray_cfg.num_workers),
+        "has_val": train_cfg.val_fraction > 0, "fail_at": ray_cfg.fail_at,
+        "ctr_model_dir": str(Path(ctr_model_dir).resolve()) if ctr_model_dir else None,
+    }
+    resources = {"CPU": ray_cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = ray_cfg.gpus_per_worker
+    with ray_cluster(address):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=ray_cfg.name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets=_datasets(data_dir, manifest, fields, train_cfg.val_fraction),
+            # preserve_order: the split of blocks to workers is the same on every run, so a
+            # restarted run skips exactly the batches it had trained on
+            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        )
+        res = trainer.fit()
+    if res.error is not None:
+        raise RuntimeError(f"Ray training failed: {res.error}") from res.error
+    if res.checkpoint is None or not res.metrics.get("final"):
+        raise RuntimeError("Ray training ended without its final model checkpoint")
+    fit_result = json.loads(res.metrics["result"])
+    with res.checkpoint.as_directory() as d:
+        rows, _ = load_shard(d, 0, 1)  # the whole table: re-sharded to one process
+        state = merge_state(rows, torch.load(Path(d) / DENSE_FILE, map_location="cpu", weights_only=False))
+        saved_by = state.get("world")
+    model = build_model(name, fields, model_cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    ctr_model = None
+    if ctr_model_dir:
+        ctr_model = load_model(ctr_model_dir)[0]
+        if hasattr(model, "set_ctr_model"):
+            model.set_ctr_model(ctr_model)
+    save_model(model, out, name, model_cfg, train_cfg,
+               {"data": str(data_dir), "ray": {"workers": ray_cfg.num_workers, "saved_by_workers": saved_by,
+                                                "checkpoint": res.checkpoint.path}})
+    metrics = evaluate_dir(model, data_dir, "test", ctr_model, manifest)
+    metrics["training"] = {**fit_result, "workers": ray_cfg.num_workers}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    return metrics
+
+
+def _fail_at_from_env() -> dict | None:
+    v = os.environ.get(FAIL_ENV)
+    if not v:
+        return None
+    epoch, step, rank, marker = v.split(":", 3)
+    return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker}
+
+
+def train_on_ray(args, overrides: dict) -> dict:
+    """``esmm train ... --workers W [--address A] [--gpus-per-worker G]`` (jobs/train.py)."""
+    from train.config import resolve
+
+    model_cfg, train_cfg = resolve(args.config, args.set, **overrides)
+    ray_cfg = RayConfig(num_workers=args.workers, gpus_per_worker=float(args.gpus_per_worker or 0.0),
+                        cpus_per_worker=float(getattr(args, "cpus_per_worker", None) or 0.5),
+                        max_failures=int(getattr(args, "max_failures", None) or 2),
+                        resume=bool(getattr(args, "resume", False)), fail_at=_fail_at_from_env())
+    return run_training(args.data, args.out, args.model, model_cfg, train_cfg, ray_cfg,
+                        ctr_model_dir=args.ctr_model, address=args.address)
