@@ -57,8 +57,15 @@ def main(argv=None) -> int:
     opts = model.make_optimizers()
     phases = {"batch": 0.0, "forward+loss": 0.0, "backward": 0.0, "optimizer": 0.0}
 
+    def forever():
+        epoch = 0
+        while True:
+            yield from train.batches(2048, shuffle=True, seed=0, epoch=epoch, drop_last=True)
+            epoch += 1
+
+    it = forever()
+
     def steps(n):
-        it = train.batches(2048, shuffle=True, seed=0, epoch=0)
         for _ in range(n):
             t0 = time.perf_counter()
             b = next(it)

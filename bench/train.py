@@ -5,10 +5,11 @@ same shape (embedding dim 18, towers 200-80-1, batch 2048, 2 torch threads), sam
 number of epochs, one contender per fresh subprocess, one after another:
 
   ours          the project's trainer as ``esmm train`` runs it: train.data.load_split ->
-                train.local.train_model("esmm") -> train.loop.fit (reference
-                EmbeddingCollection, SparseAdam rows); no hold-out, no early stopping
-  ours-shard1   the same with train/shard's ShardedEmbeddingCollection at world size 1
-                (lazy Adam rows), the path the Ray workers run
+                train.local.train_model("esmm") -> train.loop.fit with the default
+                EsmmConfig embedding (train/shard's collection at world size 1, lazy Adam
+                rows); every row trains (no hold-out), no early stopping
+  ours-ref      the same with embedding="plain": the reference EmbeddingCollection
+                (one sparse-gradient table + torch.optim.SparseAdam)
   plain         a minimal plain-PyTorch loop over in-memory tensors: one nn.Embedding
                 (sparse grads) + SparseAdam, Adam on the towers, loss from logits
   rechub        torch-rechub 0.9.0: its ESMM + DataGenerator + MTLTrainer.train_one_epoch,
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import aliccp_like  # noqa: E402
 
 DIM, HIDDEN, BATCH, LR = 18, (200, 80), 2048, 1e-3
-CONTENDERS = ["ours", "ours-shard1", "plain", "rechub", "deepctr"]
+CONTENDERS = ["ours", "ours-ref", "plain", "rechub", "deepctr"]
 PEERS = {"rechub", "deepctr"}
 PEERS_PY = HERE / ".venv-peers" / "bin" / "python"
 
@@ -92,13 +93,16 @@ def _threads(n: int) -> None:
     torch.manual_seed(0)
 
 
-def run_ours(data_dir: str, epochs: int, threads: int, sharded: bool = False) -> dict:
-    """What ``esmm train --model esmm`` runs (train.local.train_model), minus its hold-out."""
+def run_ours(data_dir: str, epochs: int, threads: int, embedding: str | None = None) -> dict:
+    """What ``esmm train --model esmm`` runs (train.local.train_model), minus its hold-out.
+
+    ``embedding`` None keeps the project's default (EsmmConfig.embedding), else "plain"
+    (the reference EmbeddingCollection + SparseAdam) or "sharded" (world size 1)."""
     from train.data import load_manifest, load_split, manifest_fields
     from train.evaluate import predict
     from train.local import train_model
     from train.loop import TrainConfig
-    from train.model import EsmmConfig
+    from train.model import EsmmConfig, default_embedding_factory
 
     _threads(threads)
     t = time.perf_counter()
@@ -108,17 +112,13 @@ def run_ours(data_dir: str, epochs: int, threads: int, sharded: bool = False) ->
     test = load_split(data_dir, "test", fields, manifest)
     load_s = time.perf_counter() - t
     cfg = EsmmConfig(dim=DIM, hidden=HIDDEN, lr=LR)
-    from train.embedding import EmbeddingCollection
-
+    if embedding is not None:
+        cfg = EsmmConfig.from_dict({**cfg.to_dict(), "embedding": embedding})
+    make = default_embedding_factory(cfg)
     timer = StepTimer()
 
     def factory(fs, dim):  # the project's own embedding, with the step timer on it
-        if sharded:
-            from train.shard import ShardedEmbeddingCollection
-
-            emb = ShardedEmbeddingCollection(fs, dim, init_std=cfg.init_std)
-        else:
-            emb = EmbeddingCollection(fs, dim, init_std=cfg.init_std)
+        emb = make(fs, dim)
         emb.register_forward_pre_hook(timer)
         return emb
 
@@ -130,9 +130,8 @@ def run_ours(data_dir: str, epochs: int, threads: int, sharded: bool = False) ->
     p = predict(model, test)
     return {"train_s": c.wall, "cpu_s": c.cpu, "load_s": load_s, "steps": res["steps"], "rows": len(train) * epochs,
             "p_ctr": p["p_ctr"], "p_cvr": p["p_cvr"], **timer.summary(BATCH),
-            "what": "train.local.train_model('esmm') (train.loop.fit, Columns.batches) + "
-                    + ("ShardedEmbeddingCollection(world 1), lazy Adam" if sharded
-                       else "EmbeddingCollection, SparseAdam")}
+            "what": f"train.local.train_model('esmm'), embedding={cfg.embedding} "
+                    f"({type(model.embeddings[0]).__name__}), sparse {cfg.sparse_optimizer}"}
 
 
 def run_plain(data_dir: str, epochs: int, threads: int) -> dict:
@@ -268,7 +267,7 @@ def run_deepctr(data_dir: str, epochs: int, threads: int) -> dict:
             "what": "deepctr_torch ESMM (DNN 200-80 + Linear(80,1)) compile('adam') + fit(verbose=2)"}
 
 
-RUNNERS = {"ours": run_ours, "ours-shard1": lambda d, e, t: run_ours(d, e, t, sharded=True),
+RUNNERS = {"ours": run_ours, "ours-ref": lambda d, e, t: run_ours(d, e, t, embedding="plain"),
            "plain": run_plain, "rechub": run_rechub, "deepctr": run_deepctr}
 
 
@@ -305,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=",".join(CONTENDERS), help=f"comma list of {CONTENDERS}")
     ap.add_argument("--peers-python", default=str(PEERS_PY))
+    ap.add_argument("--workers", default="", help="also W data-parallel gloo workers (sharded embedding + DDP), "
+                    "e.g. 1,2: bench/train_workers.py on its synthetic batches")
     ap.add_argument("--json", default=None, help="also write all results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -348,8 +349,18 @@ def main(argv=None) -> int:
               f"{r['samples_per_cpu_s']:,.0f} per CPU-s; train {r['train_s']:.1f}s, load {r['load_s']:.1f}s; "
               f"CTR {r['ctr_auc']:.4f} CTCVR {r['ctcvr_auc']:.4f} CVR(clicked) {r['cvr_auc_clicked']:.4f}; "
               f"load avg {r['loadavg']:.1f}", flush=True)
+    workers = {}
+    if a.workers:
+        import train_workers  # helper "ray"'s bench: what each Ray Train worker runs, without Ray's start-up
+
+        wargs = train_workers.parser().parse_args(["--threads", str(a.threads), "--dim", str(DIM),
+                                                   "--batch-size", str(BATCH)])
+        for w in [int(x) for x in a.workers.split(",") if x]:
+            workers[w] = train_workers.samples_per_second(w, wargs)
+            print(f"{w} worker(s): {workers[w]:,.0f} samples/s (global batch {BATCH}, {a.threads} threads in all; "
+                  f"bench/train_workers.py)", flush=True)
     if not results:
-        return 1
+        return 1 if not workers else 0
     peers = [r for r in results if r["name"] in PEERS]
     keys = [("samples_per_s", "wall"), ("samples_per_s_p10", "p10 step"), ("samples_per_cpu_s", "per CPU-s")]
     refs = {k: max(peers, key=lambda r: r.get(k, 0)) for k, _ in keys} if peers else {}
@@ -372,7 +383,8 @@ def main(argv=None) -> int:
               + "; target: ours >= 3x it at equal or better AUC after the same epochs")
     load = os.getloadavg()
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "oracle": oracle, "results": results, "loadavg": load},
+        Path(a.json).write_text(json.dumps({"args": vars(a), "oracle": oracle, "results": results, "loadavg": load,
+                                            "workers": workers},
                                            indent=1))
     return 0
 

@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     p.add_argument("--seeds", type=int, default=3, help="repetitions per model (default 3)")
-    p.add_argument("--epochs", type=int, help="most epochs per model (default 8; early stopping on validation loss)")
+    p.add_argument("--epochs", type=int, help="most epochs per model (default 20; early stopping on validation loss, patience 2)")
     p.add_argument("--batch-size", type=int, help="batch size (default 2048)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--config", help="JSON/YAML file of config keys")

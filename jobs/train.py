@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="DATA dir (manifest.json + shards, from `esmm etl`)")
     p.add_argument("--out", required=True, help="MODEL dir to write")
     p.add_argument("--model", default="esmm", choices=list(MODELS), help="model name (default esmm)")
-    p.add_argument("--epochs", type=int, help="most epochs (default 8; early stopping on validation loss)")
+    p.add_argument("--epochs", type=int, help="most epochs (default 20; early stopping on validation loss, patience 2)")
     p.add_argument("--batch-size", type=int, help="batch size (default 2048)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, help="seed (default 0)")

@@ -45,6 +45,54 @@ def spark():
     s.stop()
 
 
+def _descendants(pids: set[int]) -> set[int]:
+    out, frontier = set(pids), set(pids)
+    while frontier:
+        r = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True)
+        frontier = {int(p) for p in r.stdout.split()} - out
+        out |= frontier
+    return out
+
+
+def _kill_cluster(tmp: str, grace_s: float = 5.0) -> None:
+    """Make sure every process of the cluster under ``tmp`` is gone.
+
+    gcs_server, raylet and the agents can outlive SIGTERM for minutes on a loaded
+    machine, and the agents and workers retitle themselves (``ray::...``), so a
+    command-line match misses them: take the matches and all their descendants,
+    SIGTERM, wait, then SIGKILL what is left. Only this cluster's processes are touched.
+    """
+    import signal
+
+    found = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
+    pids = _descendants({int(p) for p in found}) - {os.getpid()}
+    deadline = time.time() + grace_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        while pids and time.time() < deadline:
+            time.sleep(0.2)
+            pids = {p for p in pids if _alive(p)}
+        if not pids:
+            return
+        deadline = time.time() + grace_s
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, parent has not reaped it) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _ray_bin() -> str:
     return str(VENV_BIN / "ray")
 
@@ -79,7 +127,7 @@ def ray_start_2_cpus():
         except Exception:
             pass
         # `ray stop` stops every cluster on the machine; stop only ours by its temp dir's processes.
-        subprocess.run(["pkill", "-f", f"--temp-dir={tmp}"], check=False)
+        _kill_cluster(tmp)  # collects the process tree first: children outlive a killed parent
+        subprocess.run(["pkill", "-f", "--", f"--temp-dir={tmp}"], check=False)
         subprocess.run(["pkill", "-f", tmp], check=False)
-        time.sleep(1)
         shutil.rmtree(tmp, ignore_errors=True)

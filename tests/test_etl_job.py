@@ -89,20 +89,35 @@ def test_spark_submit_runs_the_job(submitted):
     assert (submitted["out"] / "_SUCCESS").exists()
 
 
-def test_job_killed_before_commit_leaves_old_output(submitted):
+def test_job_killed_before_commit_leaves_old_output(spark, submitted):
+    """A rerun on the same inputs dies right before its commit rename (test hook)."""
+    from etl.shards import _recover_and_clean
+
     out = submitted["out"]
     old_manifest = (out / "manifest.json").read_text()
     old_files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    first = json.loads(old_manifest)["splits"]["train"]["files"][0]
-    old_rows = pq.read_table(out / first).to_pylist()
-    # different inputs (fewer days), so a leaked partial output would differ
+    m1 = json.loads(old_manifest)
+    rows = {f: pq.read_table(out / f).to_pylist() for s in ("train", "test") for f in m1["splits"][s]["files"]}
     r = _submit(submitted["logs"], out, {"ESMM_TEST_DIE_BEFORE_COMMIT": "1"})
     assert r.returncode == 3, r.stderr[-3000:]
+    # the old output is untouched and readable; nothing of the new one is inside it
     assert (out / "manifest.json").read_text() == old_manifest
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == old_files
-    assert pq.read_table(out / first).to_pylist() == old_rows
-    assert (out / "_SUCCESS").exists()
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(out.name + ".staging-")]
+    assert {f: pq.read_table(out / f).to_pylist() for f in rows} == rows
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(out.name + ".staging-")]
     assert len(leftovers) == 1  # the dead job's staging: beside the output, never inside it
-    staged = out.parent / leftovers[0]
-    assert (staged / "manifest.json").exists()  # it got as far as the commit
+    staged = leftovers[0]
+
+    # the dead rerun got as far as the commit: same inputs gave the same rows in the same files
+    m2 = json.loads((staged / "manifest.json").read_text())
+    for k in ("splits", "read", "rejects", "used", "fields", "out_of_range"):
+        assert m2[k] == m1[k], k
+    assert {f: pq.read_table(staged / f).to_pylist() for f in rows} == rows
+
+    # the next run's writer removes the leftover; a commit cut between its two renames is undone
+    _recover_and_clean(spark, str(out))
+    assert not staged.exists() and (out / "_SUCCESS").exists()
+    aside = out.parent / (out.name + ".old-0123456789ab")
+    out.rename(aside)
+    _recover_and_clean(spark, str(out))
+    assert (out / "manifest.json").read_text() == old_manifest and not aside.exists()

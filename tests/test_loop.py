@@ -116,3 +116,16 @@ def test_early_stopping_stops_and_restores_best(data):
     for k, v in m.state_dict().items():
         assert torch.equal(v, snapshots[1][k])  # the weights of the best epoch
     assert math.isclose(r["best_val_loss"], 0.8)
+
+
+def test_train_model_resume_from_checkpoint_file(data, tmp_path):
+    _, train, test = data
+    cfg = TrainConfig(epochs=2, batch_size=256, threads=1, patience=0)
+    ckpt = str(tmp_path / "checkpoint.pt")
+    a, ra = train_model("esmm", train, MODEL, cfg, checkpoint_path=ckpt)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    b, rb = train_model("esmm", train, MODEL, cfg, checkpoint_path=ckpt, resume=True)  # nothing left to do
+    assert rb["steps"] == ra["steps"] and len(rb["history"]) == 2
+    pa_, pb = predict(a, test), predict(b, test)
+    for k in pa_:
+        assert (pa_[k] == pb[k]).all()

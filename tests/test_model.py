@@ -262,3 +262,19 @@ def test_out_of_range_id_is_an_input_error_naming_field_and_row():
                       "user": pa.array([[1], [9]], pa.list_(pa.int64()))})
     with pytest.raises(InputError, match=r"'user'.*id 9 at row 1"):
         arrow_to_batch(table, [FieldConfig("user", "single", 9)])
+
+
+def test_output_bias_starts_at_each_heads_base_rate():
+    click = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
+    conv = torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0])
+    esmm = build_model("esmm", FIELDS, SMALL)
+    pri = esmm.init_output_bias(click, conv)
+    assert pri == pytest.approx({"ctr": 3 / 8, "cvr": 2 / 3, "ctcvr": 2 / 8})  # pCVR's prior is conditional on the click
+    assert esmm.dense.towers[0].net[-1].bias.item() == pytest.approx(math.log(3 / 5))
+    assert esmm.dense.towers[1].net[-1].bias.item() == pytest.approx(math.log(2 / 1))
+    base = build_model("base", FIELDS, SMALL)
+    view = base.train_view(Batch(make_batch([0] * 8, [0] * 8).features, click, conv))
+    assert base.init_output_bias(view.click, view.conversion) == pytest.approx({"conversion": 2 / 3})
+    div = build_model("division", FIELDS, SMALL)
+    assert set(div.init_output_bias(click, conv)) >= {"ctr", "ctcvr"}
+    assert div.dense.towers[1].net[-1].bias.item() == pytest.approx(math.log(2 / 6))

@@ -98,7 +98,11 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
             torch.save(state, tmp)
             os.replace(tmp, checkpoint_path)  # a crash leaves the previous checkpoint whole
     # the bar's total is known once epoch 0's view exists
-    train_batches(start_state["epoch"] if start_state else 0, 0)
+    first = train_batches(start_state["epoch"] if start_state else 0, 0)
+    if model_cfg.init_bias and start_state is None:
+        v = next(iter(views.values()))
+        model.init_output_bias(v.click, v.conversion, v.weight)
+    del first
     result = fit(model, train_batches, eval_fn, train_cfg, checkpoint_cb=cb, start_state=start_state,
                  progress=progress, steps_per_epoch=steps(start_state["epoch"] if start_state else 0),
                  apply_view=False)

@@ -30,13 +30,13 @@ from train.jagged import Batch
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8  # at most; early stopping on the validation loss usually ends it sooner
+    epochs: int = 20  # at most; early stopping on the validation loss ends it sooner
     batch_size: int = 2048
     seed: int = 0
-    patience: int = 1  # stop after this many epochs without a better validation loss; 0 = never
+    patience: int = 2  # stop after this many epochs without a better validation loss; 0 = never
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     restore_best: bool = True  # end with the weights of the best validation epoch
-    val_fraction: float = 0.05  # training rows held out for validation / early stopping
+    val_fraction: float = 0.1  # training rows held out for validation / early stopping
     eval_batch_size: int = 32768
     threads: int = 2  # torch intra-op threads (0 = leave as is)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only

@@ -42,6 +42,7 @@ class EsmmConfig:
     sparse_optimizer: str = "adam"  # embedding rows: adam (lazy) | adagrad (row-wise where supported)
     sparse_lr: float | None = None  # None = lr
     init_std: float = 0.01
+    init_bias: bool = True  # start each tower's output bias at its label's log-odds in the training data
     embedding: str = "sharded"  # sharded: train/shard's collection at world size 1 (lazy row-wise
     #                             optimizers, deduplicated lookups; the fast path) | plain: the reference
     # baselines (see train/baselines.py)
@@ -107,9 +108,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B]
         return self.net(x).squeeze(-1)
 
+    @torch.no_grad()
+    def set_output_bias(self, logit: float) -> None:
+        self.net[-1].bias.fill_(logit)
+
 
 # name -> (in_dim, cfg) -> module mapping [B, in_dim] to [B] logits. Register newer
-# sub-networks here (the paper invites replacing the MLP).
+# sub-networks here (the paper invites replacing the MLP); ``set_output_bias(logit)`` is
+# optional (used by EsmmConfig.init_bias).
 TOWERS: dict[str, Callable[[int, EsmmConfig], nn.Module]] = {"mlp": MLP}
 
 
@@ -190,6 +196,30 @@ class CtrCvrModel(nn.Module):
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return list(self.dense.parameters())
+
+    def label_priors(self, click: torch.Tensor, conversion: torch.Tensor,
+                     weight: torch.Tensor | None = None) -> dict[str, float]:
+        """Each head's base rate on the rows it trains on (its ``train_view``'s labels)."""
+        w = torch.ones_like(click) if weight is None else weight
+        ctr = float((w * click).sum() / w.sum().clamp(min=1e-12))
+        cvr_all = float((w * click * conversion).sum() / (w * click).sum().clamp(min=1e-12))
+        ctcvr = float((w * click * conversion).sum() / w.sum().clamp(min=1e-12))
+        return {"ctr": ctr, "cvr": cvr_all, "ctcvr": ctcvr}
+
+    @torch.no_grad()
+    def init_output_bias(self, click: torch.Tensor, conversion: torch.Tensor,
+                         weight: torch.Tensor | None = None) -> dict[str, float]:
+        """Start every tower at its label's base rate (no steps wasted learning the bias).
+
+        Pass the labels (and weights) of the rows the model trains on, e.g. the whole
+        training view; returns the priors used.
+        """
+        priors = self.label_priors(click, conversion, weight)
+        for name, tower in zip(self.dense.names, self.dense.towers):
+            p = min(max(priors[name], 1e-6), 1 - 1e-6)
+            if hasattr(tower, "set_output_bias"):
+                tower.set_output_bias(math.log(p / (1 - p)))
+        return priors
 
     def make_optimizers(self) -> list:
         """Adam on the dense towers, plus each embedding module's own sparse optimizer."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -119,16 +118,40 @@ def _build(config: dict, group, device):
     seed = int(config["train_cfg"].get("seed", 0))
     fields = [FieldConfig(**f) for f in config["fields"]]
 
-    def factory(fs, dim):
-        return ShardedEmbeddingCollection(fs, dim, init_std=model_cfg.init_std, group=group, seed=seed)
+    def factory(fs, dim):  # like the local default: each table its own init seed (ESMM-NS has two)
+        table_seed = int(torch.randint(0, 2**31 - 1, (1,)))  # the same on every rank (seeded below)
+        return ShardedEmbeddingCollection(fs, dim, init_std=model_cfg.init_std, group=group, seed=table_seed)
 
     torch.manual_seed(seed)
     model = build_model(config["model"], fields, model_cfg, factory)
+    if model_cfg.init_bias and config.get("train_counts"):
+        _init_bias_from_counts(model, config["train_counts"], seed)
     if config["model"] in NEEDS_CTR_MODEL:
         from train.local import load_model
 
         model.set_ctr_model(load_model(config["ctr_model_dir"])[0].to(device))
     return model.to(device)
+
+
+def _init_bias_from_counts(model, counts: dict, seed: int) -> None:
+    """EsmmConfig.init_bias on Ray: towers start at their labels' base rates, taken from
+    the manifest's train counts (the local trainer reads the rows; here a label-only
+    stand-in with the same rates goes through the model's own row selection)."""
+    n_all = int(counts.get("impressions") or 0)
+    if n_all <= 0 or not hasattr(model, "init_output_bias"):
+        return
+    n = min(n_all, 1_000_000)
+    c = round(int(counts.get("clicks", 0)) * n / n_all)
+    z = min(c, round(int(counts.get("conversions", 0)) * n / n_all))
+    click = torch.zeros(n)
+    click[:c] = 1.0
+    conversion = torch.zeros(n)
+    conversion[:z] = 1.0
+    rows = model.select_rows(click, conversion, torch.Generator().manual_seed(seed)) \
+        if hasattr(model, "select_rows") else None
+    if rows is not None:
+        click, conversion = click[rows], conversion[rows]
+    model.init_output_bias(click, conversion, None)
 
 
 def _restore(model, directory: str, rank: int, world: int) -> dict:
@@ -255,6 +278,21 @@ def train_loop_per_worker(config: dict) -> None:
 
 # ---------------------------------------------------------------- the driver
 
+def _set_auth_mode(mode: str | None) -> None:
+    """Set RAY_AUTH_MODE (None = unset) and make Ray's native config re-read it (it is
+    read once per process, at import)."""
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception:  # noqa: BLE001 - older/newer Ray: the environment alone decides
+        pass
+
+
 @contextmanager
 def ray_cluster(address: str | None, num_cpus: int | None = None):
     """Connect to ``address`` (or RAY_ADDRESS, as under ``ray job submit``); with neither,
@@ -274,12 +312,12 @@ def ray_cluster(address: str | None, num_cpus: int | None = None):
             ray.shutdown()
         return
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are length-limited
-    # a private cluster: token auth with a token of its own, held in the environment only
-    # (ray.init would otherwise write ~/.ray/auth_token, which turns auth on for every
-    # later `ray start` on the machine)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    if saved["RAY_AUTH_MODE"] is None:
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    # A private cluster on loopback for this one job, without token auth: by default
+    # ray.init would write ~/.ray/auth_token, which turns auth on for every later
+    # `ray start` on the machine (and clients given an explicit address never send it).
+    saved = os.environ.get("RAY_AUTH_MODE")
+    if saved is None:
+        _set_auth_mode("disabled")
     try:
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                        _node_ip_address="127.0.0.1", _temp_dir=tmp, object_store_memory=512 * 2**20,
@@ -289,11 +327,8 @@ def ray_cluster(address: str | None, num_cpus: int | None = None):
         finally:
             ray.shutdown()
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            _set_auth_mode(None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -348,6 +383,7 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
         "threads_per_worker": max(1, min(train_cfg.threads or cores, cores) // ray_cfg.num_workers),
         "shuffle_buffer": 4 * max(1, train_cfg.batch_size // ray_cfg.num_workers),
         "has_val": train_cfg.val_fraction > 0, "fail_at": ray_cfg.fail_at,
+        "train_counts": {k: manifest["splits"]["train"].get(k) for k in ("impressions", "clicks", "conversions")},
         "ctr_model_dir": str(Path(ctr_model_dir).resolve()) if ctr_model_dir else None,
     }
     resources = {"CPU": ray_cfg.cpus_per_worker}

@@ -25,6 +25,12 @@ Schedule: ``@daily`` (Airflow 3: a cron trigger at 00:00 UTC, logical date = the
 ``ds``). The sensor reschedules itself (frees its worker slot) until the upstream log
 pipeline writes the day's ``_SUCCESS`` markers after the day ends.
 
+Gate: the candidate's figures are ``esmm evaluate`` on this run's test days; production's
+are the ones it was published with (its own ``evaluation.json``, on its test days).
+Vocabularies are rebuilt per run from the training days, so the old model cannot be
+re-scored on the new shards; the tolerance absorbs day-to-day drift, and a run of the
+same day (as in the tests) compares like with like. ``tolerance`` is per metric.
+
 Paths: shards go to ``DATA_ROOT/<LABEL_DAY>/`` (rewritten whole by a rerun of the day),
 candidates to ``MODEL_ROOT/candidates/<LABEL_DAY>__<run>/``; production is the symlink
 ``MODEL_ROOT/production``. The Spark cluster and the Ray cluster must both see these
