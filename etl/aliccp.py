@@ -122,10 +122,11 @@ def load_field_spec(path: str | os.PathLike) -> list[FieldSpec]:
         name = str(it["name"])
         g0, k0 = FIELD_TABLE.get(name, (None, None))
         kind, group = it.get("kind", k0), it.get("group", g0)
+        if kind is None or group is None:
+            raise InputError(f"{p}: field {name}: not an Ali-CCP field in the default table; "
+                             f"give its 'kind' and 'group' (user = common_features side)")
         if kind not in ("single", "multi", "weighted"):
             raise InputError(f"{p}: field {name}: kind must be single, multi or weighted, got {kind!r}")
-        if group is None:
-            raise InputError(f"{p}: field {name}: not an Ali-CCP field in the default table; give its 'group'")
         mc = it.get("min_count")
         if mc is not None and (not isinstance(mc, int) or mc < 1):
             raise InputError(f"{p}: field {name}: min_count must be an integer >= 1")
@@ -199,29 +200,31 @@ def _at(arr, i: int):
 
 
 def _entries(feature_list):
-    """Column expr: feature_list -> array<struct<field, id: string, value: float, ok: bool>>."""
+    """Column expr: feature_list -> array<struct<field, id: string, value: float, ok: bool>>.
+
+    One pass each, no per-entry splitting: the list is split once on all three
+    separators into field/id/value triples, and its shape is checked by comparing the
+    separators alone (non-separator characters removed) with ``(\\x02\\x03\\x01)*\\x02\\x03``
+    built by ``repeat`` (a string equality, no backtracking regex on long lists).
+    """
     from pyspark.sql import functions as F
 
-    pieces = F.when(feature_list == "", F.array().cast("array<string>")).otherwise(F.split(feature_list, SOH))
+    seps = F.regexp_replace(feature_list, "[^\x01\x02\x03]", "")
+    n = F.length(F.regexp_replace(seps, "[\x02\x03]", "")) + 1  # entries = SOH count + 1
+    shape_ok = (feature_list == "") | (seps == F.concat(F.repeat(F.lit(STX + ETX + SOH), n - 1), F.lit(STX + ETX)))
+    toks = F.when(feature_list == "", F.array().cast("array<string>")).otherwise(
+        F.split(feature_list, "[\x01\x02\x03]"))
+    third = lambda r: F.filter(toks, lambda x, i: i % 3 == r)  # noqa: E731
+    zipped = F.arrays_zip(third(0).alias("field"), third(1).alias("id"), third(2).alias("value"))
 
     def one(e):
-        a = F.split(e, STX)
-        b = F.split(_at(a, -1), ETX)
-        fid = _at(b, 1)
-        idn = fid.try_cast("bigint")
-        val = _at(b, -1).try_cast("float")
-        ok = (
-            (F.size(a) == 2) & (F.size(b) == 2) & (F.length(_at(a, 1)) > 0)
-            & idn.isNotNull() & val.isNotNull() & ~F.isnan(val)
-        )
-        return F.struct(
-            _at(a, 1).alias("field"),
-            idn.cast("string").alias("id"),
-            val.alias("value"),
-            F.coalesce(ok, F.lit(False)).alias("ok"),
-        )
+        idn = e["id"].try_cast("bigint")
+        val = e["value"].try_cast("float")
+        ok = shape_ok & (F.length(e["field"]) > 0) & idn.isNotNull() & val.isNotNull() & ~F.isnan(val)
+        return F.struct(e["field"].alias("field"), idn.cast("string").alias("id"), val.alias("value"),
+                        F.coalesce(ok, F.lit(False)).alias("ok"))
 
-    return F.transform(pieces, one)
+    return F.transform(zipped, one)
 
 
 def _bad_list(num_col, entries_col):

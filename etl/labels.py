@@ -45,12 +45,15 @@ class Flagged:
 
 
 def dedup(df: DataFrame, id_col: str) -> DataFrame:
-    """``_reason`` = malformed / duplicate / null (kept: the earliest of each id)."""
-    w = Window.partitionBy(id_col).orderBy(F.col("_ts").asc(), F.col("_src").asc(), F.col("_ord").asc())
-    good = df.where(F.col("_bad").isNull()).withColumn("_rank", F.row_number().over(w))
-    good = good.withColumn("_reason", F.when(F.col("_rank") > 1, F.lit("duplicate"))).drop("_rank")
-    bad = df.where(F.col("_bad").isNotNull()).withColumn("_reason", F.lit("malformed"))
-    return good.unionByName(bad)
+    """``_reason`` = malformed / duplicate / null (kept: the earliest of each id).
+
+    One window over all rows (well-formed and malformed ranked apart), so the input is
+    scanned once.
+    """
+    w = (Window.partitionBy(F.col(id_col), F.col("_bad").isNull())
+         .orderBy(F.col("_ts").asc(), F.col("_src").asc(), F.col("_ord").asc()))
+    return df.withColumn("_reason", F.when(F.col("_bad").isNotNull(), F.lit("malformed"))
+                         .when(F.row_number().over(w) > 1, F.lit("duplicate")))
 
 
 def _ids(df: DataFrame | None, col: str, alias: str) -> DataFrame | None:
@@ -64,6 +67,9 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
          outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None) -> Flagged:
     """Give each row of the three tables its ``_reason`` (see module doc).
 
+    Every row goes through left joins only (no split and union), so each table is
+    scanned once and the row count cannot change (the joined keys are unique).
+
     Args:
         window_s: attribution window in seconds after the click.
         outside_impressions: ``impression_id`` of impressions on days outside the range
@@ -75,39 +81,36 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
         F.col("impression_id").alias("_p_id"), F.col("_ts").alias("_p_ts"))
 
     ck = dedup(clicks, "click_id")
-    kept = ck.where(F.col("_reason").isNull()).drop("_reason")
-    kept = kept.join(valid_imps, kept["impression_id"] == F.col("_p_id"), "left")
-    reason = (F.when(F.col("_p_id").isNull(), F.lit("orphan"))
-              .when(F.col("_ts") < F.col("_p_ts"), F.lit("before_impression")))
+    ck = ck.join(valid_imps, ck["impression_id"] == F.col("_p_id"), "left")
+    rule = (F.when(F.col("_p_id").isNull(), F.lit("orphan"))
+            .when(F.col("_ts") < F.col("_p_ts"), F.lit("before_impression")))
     oi = _ids(outside_impressions, "impression_id", "_oi")
     if oi is not None:
-        kept = kept.join(oi, kept["impression_id"] == F.col("_oi"), "left")
-        reason = F.when(F.col("_p_id").isNull() & F.col("_oi_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(reason)
-    kept = kept.withColumn("_reason", reason).withColumn("_imp", F.col("_p_id"))
-    kept = kept.drop("_p_id", "_p_ts", *([] if oi is None else ["_oi", "_oi_x"]))
-    clicks_f = kept.unionByName(ck.where(F.col("_reason").isNotNull()).withColumn("_imp", F.lit(None).cast("string")))
+        ck = ck.join(oi, ck["impression_id"] == F.col("_oi"), "left")
+        rule = F.when(F.col("_p_id").isNull() & F.col("_oi_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(rule)
+    ck = ck.withColumn("_reason", F.coalesce(F.col("_reason"), rule))
+    clicks_f = ck.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_p_id"))) \
+        .drop("_p_id", "_p_ts", "_oi", "_oi_x")
 
     valid_clicks = clicks_f.where(F.col("_reason").isNull()).select(
         F.col("click_id").alias("_c_id"), F.col("_ts").alias("_c_ts"), F.col("_imp").alias("_c_imp"))
     cv = dedup(convs, "conversion_id")
-    kept = cv.where(F.col("_reason").isNull()).drop("_reason")
-    kept = kept.join(valid_clicks, kept["click_id"] == F.col("_c_id"), "left")
+    cv = cv.join(valid_clicks, cv["click_id"] == F.col("_c_id"), "left")
     lag_us = F.unix_micros(F.col("_ts")) - F.unix_micros(F.col("_c_ts"))
-    reason = (F.when(F.col("_c_id").isNull(), F.lit("orphan"))
-              .when(F.col("_ts") < F.col("_c_ts"), F.lit("before_click"))
-              .when(lag_us > F.lit(int(round(window_s * 1_000_000))), F.lit("outside_window")))
-    # a conversion on a click that is out of range here, or on a click of an earlier day
-    oc = clicks_f.where(F.col("_reason") == OUT_OF_RANGE).select("click_id")
-    if outside_clicks is not None:
-        oc = oc.unionByName(outside_clicks.select(F.col("click_id").cast("string")))
+    rule = (F.when(F.col("_c_id").isNull(), F.lit("orphan"))
+            .when(F.col("_ts") < F.col("_c_ts"), F.lit("before_click"))
+            .when(lag_us > F.lit(int(round(window_s * 1_000_000))), F.lit("outside_window")))
     if outside_impressions is not None or outside_clicks is not None:
+        # a conversion on a click that is out of range here, or on a click of an earlier day
+        oc = clicks_f.where(F.col("_reason") == OUT_OF_RANGE).select("click_id")
+        if outside_clicks is not None:
+            oc = oc.unionByName(outside_clicks.select(F.col("click_id").cast("string")))
         ocx = _ids(oc, "click_id", "_oc")
-        kept = kept.join(ocx, kept["click_id"] == F.col("_oc"), "left")
-        reason = F.when(F.col("_c_id").isNull() & F.col("_oc_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(reason)
-        kept = kept.drop("_oc")
-    kept = kept.withColumn("_reason", reason).withColumn("_imp", F.col("_c_imp"))
-    kept = kept.drop("_c_id", "_c_ts", "_c_imp", "_oc_x")
-    convs_f = kept.unionByName(cv.where(F.col("_reason").isNotNull()).withColumn("_imp", F.lit(None).cast("string")))
+        cv = cv.join(ocx, cv["click_id"] == F.col("_oc"), "left")
+        rule = F.when(F.col("_c_id").isNull() & F.col("_oc_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(rule)
+    cv = cv.withColumn("_reason", F.coalesce(F.col("_reason"), rule))
+    convs_f = cv.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_c_imp"))) \
+        .drop("_c_id", "_c_ts", "_c_imp", "_oc", "_oc_x")
     return Flagged(imps_f, clicks_f, convs_f)
 
 

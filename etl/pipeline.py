@@ -166,9 +166,9 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
                  "group": f["group"]}
             m.update({k: f[k] for k in ("min_count", "hash_buckets") if k in f})
             mfields.append(m)
-        encoded = encode_columns(samples, fields, values, keep=KEEP)
-        splits = {"train": encoded.where(F.col("dt").isin(train_days)),
-                  "test": encoded.where(F.col("dt").isin(test_days))}
+        # split first, then encode: each row goes through the Arrow lookup once
+        splits = {"train": encode_columns(samples.where(F.col("dt").isin(train_days)), fields, values, keep=KEEP),
+                  "test": encode_columns(samples.where(F.col("dt").isin(test_days)), fields, values, keep=KEEP)}
 
         def check(manifest: dict) -> None:
             written = sum(s["impressions"] for s in manifest["splits"].values())

@@ -11,7 +11,7 @@ The world, in one screen (the logits are in :func:`true_logits`):
               price (level 0..9 is logged)
     click      logit = b_c + SHARED + <u_c, v_c> + clickbait + click-happiness + position
     conversion logit = b_v + SHARED + <u_v, v_v> + quality - clickbait - price sensitivity x price
-    SHARED = <u_s, v_s> + user engagement + item appeal: what a shared embedding transfers.
+    SHARED = <u_s, v_s> + 0.9 user engagement + 1.0 item appeal: what a shared embedding transfers.
 
 Selection bias: what gets clicked (good position, clickbait, click-happy users) is not
 what converts (quality, cheap for the price-sensitive), while SHARED raises both; so the
@@ -87,6 +87,9 @@ class SynthConfig:
         dim_shared, dim_click, dim_convert: latent factor sizes.
         w_shared_click, w_shared_convert: weight of SHARED in the click / conversion logit;
             the conversion one is what clicks can teach a shared embedding.
+        w_user_engage, w_item_appeal: weights of the user's engagement and the item's appeal
+            (partly its category's) inside SHARED, beside the taste match <u_s, v_s>; these
+            per-id main effects are what an embedding learns fastest from clicks.
         w_click_only, w_convert_only: weight of the click-only / conversion-only taste match.
         w_clickbait: clickbait raises the click logit by this ...
         w_clickbait_convert: ... and lowers the conversion logit by this.
@@ -121,6 +124,8 @@ class SynthConfig:
     dim_convert: int = 4
     w_shared_click: float = 1.0
     w_shared_convert: float = 1.0
+    w_user_engage: float = 0.9
+    w_item_appeal: float = 1.0
     w_click_only: float = 0.6
     w_convert_only: float = 0.5
     w_clickbait: float = 0.6
@@ -357,7 +362,8 @@ def true_logits(w: World, user: np.ndarray, item: np.ndarray, position: np.ndarr
     dot = lambda a, b: np.einsum("ij,ij->i", a, b) / math.sqrt(a.shape[1])  # noqa: E731
     # SHARED: the user's taste meets the item's (through its category/brand/shop/own id),
     # plus user engagement and item appeal; it raises click AND conversion.
-    shared = dot(w.u_shared[user], w.v_shared[item]) + 0.5 * w.u_engage[user] + 0.6 * w.v_appeal[item]
+    shared = (dot(w.u_shared[user], w.v_shared[item])
+              + c.w_user_engage * w.u_engage[user] + c.w_item_appeal * w.v_appeal[item])
     bait = w.clickbait[item]
     click = (
         w.b_click

@@ -28,6 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     p.add_argument("--seeds", type=int, default=3, help="repetitions per model (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1 (default 0)")
     p.add_argument("--epochs", type=int, help="most epochs per model (default 20; early stopping on validation loss, patience 2)")
     p.add_argument("--batch-size", type=int, help="batch size (default 2048)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
@@ -38,8 +39,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="esmm experiment", description="ESMM and the paper's baselines x seeds -> report.")
-    p.add_argument("--data", required=True, help="DATA dir (manifest.json + shards)")
+    p.add_argument("--data", help="DATA dir (manifest.json + shards)")
     p.add_argument("--out", required=True, help="REPORT dir to write")
+    p.add_argument("--merge", help="comma-separated REPORT dirs of the same experiment over other seeds: "
+                   "write their combined report to --out (no training)")
     add_training_args(p)
     return p
 
@@ -51,14 +54,22 @@ def run(args, data: str, out: str) -> dict:
     model_cfg, train_cfg = resolve(args.config, args.set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     return run_experiment(data, out, models, args.seeds, model_cfg, train_cfg,
-                          progress=False if args.no_progress else None)
+                          progress=False if args.no_progress else None, first_seed=args.first_seed)
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from train.errors import InputError
     from train.report import table2
 
-    report = run(args, args.data, args.out)
+    if args.merge:
+        from train.experiment import merge_reports
+
+        report = merge_reports([d for d in args.merge.split(",") if d], args.out)
+    elif not args.data:
+        raise InputError("experiment: --data is required (or --merge)")
+    else:
+        report = run(args, args.data, args.out)
     print(table2(report))
     print(f"esmm experiment: {args.out}/report.md, report.json, auc.png, calibration.png")
     return 0

@@ -14,8 +14,18 @@ import sys
 from jobs.common import run_main
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (via run_main), no usage dump
+        from train.errors import InputError
+
+        raise InputError(f"publish: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="esmm publish", description=__doc__.split("\n\n")[0])
+    p = _Parser(
+        prog="esmm publish",
+        description="Gate a candidate model against production (CTCVR and CVR AUC within a tolerance); "
+                    "if it passes, swap MODEL_ROOT/production to it atomically.")
     p.add_argument("--candidate", required=True, help="model dir to publish (holds the metrics file)")
     p.add_argument("--root", required=True, help="model root holding the `production` pointer")
     p.add_argument("--tolerance", type=float, default=0.0,

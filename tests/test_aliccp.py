@@ -295,3 +295,21 @@ def test_job_file_runs_as_a_script(tmp_path):
                         "--out", str(tmp_path / "o"), "--format", "paddlerec-txt"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"esmm: error: {tmp_path / 'nope'}: no such input folder"
+
+
+def test_feature_spec(tmp_path):
+    from etl.errors import InputError
+
+    p = tmp_path / "spec.yaml"
+    p.write_text("fields:\n  - 101\n  - {name: '210', kind: weighted}\n  - {name: '999', kind: multi, group: item,"
+                 " min_count: 3}\n")
+    got = A.load_field_spec(p)
+    assert got == [A.FieldSpec("101", "single", "user"), A.FieldSpec("210", "weighted", "item"),
+                   A.FieldSpec("999", "multi", "item", 3)]
+    assert [f.side for f in got] == ["common", "skeleton", "skeleton"]
+    p.write_text("fields:\n  - {name: '998'}\n")
+    with pytest.raises(InputError, match="998.*group"):
+        A.load_field_spec(p)
+    p.write_text("fields:\n  - {name: '101', kind: dense}\n")
+    with pytest.raises(InputError, match="kind must be"):
+        A.load_field_spec(p)

@@ -21,14 +21,21 @@ def test_experiment_end_to_end(data, tmp_path, capsys):
     from jobs.experiment import main
 
     out = tmp_path / "report"
-    rc = main(["--data", str(data), "--out", str(out), "--models", "base,unbias,division,esmm-ns,esmm",
-               "--seeds", "2", "--epochs", "2", "--no-progress", *TINY])
-    assert rc == 0
+    args = ["--data", str(data), "--models", "base,unbias,division,esmm-ns,esmm", "--epochs", "2", "--no-progress", *TINY]
+    # seed 0 and seed 1 as two runs (as when seeds run in parallel), then merged
+    assert main(["--out", str(tmp_path / "r0"), "--seeds", "1", *args]) == 0
+    assert main(["--out", str(tmp_path / "r1"), "--seeds", "1", "--first-seed", "1", *args]) == 0
+    capsys.readouterr()
+    assert main(["--merge", f"{tmp_path / 'r0'},{tmp_path / 'r1'}", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    r0 = json.loads((tmp_path / "r0" / "report.json").read_text())
+    r1 = json.loads((tmp_path / "r1" / "report.json").read_text())
     assert "| ESMM |" in printed and "| BASE |" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [0, 1] and report["entire_space"] is True
     s = report["summary"]
+    assert s["esmm"]["cvr_auc"]["values"] == [r0["summary"]["esmm"]["cvr_auc"]["values"][0],
+                                              r1["summary"]["esmm"]["cvr_auc"]["values"][0]]
     for name in ("base", "unbias", "division", "esmm-ns", "esmm"):
         for metric in ("cvr_auc", "ctcvr_auc", "entire_cvr_auc"):
             assert len(s[name][metric]["values"]) == 2, (name, metric)

@@ -150,6 +150,32 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
     return report
 
 
+def merge_reports(report_dirs: list[str], out_dir: str | None = None) -> dict:
+    """One report from several runs of the same data and models over different seeds
+    (e.g. seeds run in parallel with ``--first-seed``); summaries are recomputed."""
+    reports = [load_report(d) for d in report_dirs]
+    first = reports[0]
+    for d, r in zip(report_dirs, reports):
+        if r["models"] != first["models"] or r["data"] != first["data"]:
+            raise InputError(f"{d}: report has other models or data than {report_dirs[0]}")
+    per_seed = {name: [m for r in reports for m in r["per_seed"].get(name, [])] for name in first["per_seed"]}
+    training = {name: [t for r in reports for t in r["training"].get(name, [])] for name in first["training"]}
+    seeds = [s for r in reports for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"merge: seeds overlap across reports ({seeds})")
+    nan = lambda v: float("nan") if v is None else v  # noqa: E731  JSON null back to NaN
+    per_seed = {n: [{k: nan(v) if k in SUMMARY else v for k, v in m.items()} for m in runs] for n, runs in per_seed.items()}
+    summary = summarise(per_seed)
+    report = {**first, "seeds": seeds, "summary": summary, "checks": checks(summary), "per_seed": per_seed,
+              "training": training, "elapsed_s": max(r.get("elapsed_s", 0) for r in reports),
+              "merged_from": [str(d) for d in report_dirs]}
+    if out_dir:
+        from train.report import write_report
+
+        write_report(report, out_dir)
+    return report
+
+
 def load_report(out_dir: str) -> dict:
     p = Path(out_dir) / "report.json"
     if not p.is_file():

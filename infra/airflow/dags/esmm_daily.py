@@ -42,6 +42,7 @@ variables (ESMM_LOG_ROOT, ESMM_DATA_ROOT, ESMM_MODEL_ROOT) and run params overri
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -60,8 +61,8 @@ REPO = Path(__file__).resolve().parents[3]
 TABLES = ("impressions", "clicks", "conversions")
 
 # Logical names: the physical paths are run params, so they travel in each event's extra.
-SHARDS = Asset(name="esmm_shards", uri="file:///esmm/shards", group="esmm")
-MODEL = Asset(name="esmm_production_model", uri="file:///esmm/models/production", group="esmm")
+SHARDS = Asset(name="esmm_shards", uri="esmm://shards/daily", group="esmm")
+MODEL = Asset(name="esmm_production_model", uri="esmm://models/production", group="esmm")
 
 # The Spark and Ray tasks retry with exponential back-off: a cluster that is briefly
 # unreachable or preempted should not fail the day.
@@ -113,17 +114,23 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
 
-def _ray_address(params: dict) -> str:
-    """The Ray dashboard (job API) address: the ``ray_address`` param, else the connection."""
+def _ray_endpoint(params: dict) -> tuple[str, dict]:
+    """The Ray dashboard (job API) address and HTTP headers.
+
+    The ``ray_address`` param wins; else the connection ``ray_conn_id`` (host, port,
+    schema http/https). A cluster with token auth (RAY_AUTH_MODE=token) gets the
+    connection's password as its bearer token.
+    """
     if params.get("ray_address"):
-        return params["ray_address"]
+        return params["ray_address"], {}
     from airflow.sdk import Connection
 
     conn = Connection.get(params["ray_conn_id"])
     if not conn.host:
         raise AirflowFailException(f"connection {params['ray_conn_id']!r} has no host (the Ray dashboard)")
     host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
-    return f"{host}:{conn.port}" if conn.port else host
+    headers = {"Authorization": f"Bearer {conn.password}"} if conn.password else {}
+    return (f"{host}:{conn.port}" if conn.port else host), headers
 
 
 def _ray_job(params: dict, args: list[str], submission_id: str, log) -> str:
@@ -136,8 +143,8 @@ def _ray_job(params: dict, args: list[str], submission_id: str, log) -> str:
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    address = _ray_address(params)
-    client = JobSubmissionClient(address)
+    address, headers = _ray_endpoint(params)
+    client = JobSubmissionClient(address, headers=headers or None)
     runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
     if params.get("ray_working_dir"):
         runtime_env.update(working_dir=params["ray_working_dir"], excludes=RAY_EXCLUDES)
@@ -160,10 +167,9 @@ def _ray_job(params: dict, args: list[str], submission_id: str, log) -> str:
             time.sleep(1)
             status = client.get_job_status(job_id)
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):
             client.stop_job(job_id)
-        finally:
-            raise
+        raise
     if status != JobStatus.SUCCEEDED:
         info = client.get_job_info(job_id)
         raise AirflowException(
@@ -296,12 +302,13 @@ def esmm_daily():
             "--shards", "{{ params.shards }}",
         ],
         outlets=[SHARDS],
+        execution_timeout=dt.timedelta(hours=6),
         **RETRY,
     )
 
     # Each stage hands the next one the run's state dict (plan + what it added), so the
     # graph is the chain wait_for_logs >> etl >> train >> evaluate >> gate >> publish >> score.
-    @task(**RETRY)
+    @task(execution_timeout=dt.timedelta(hours=12), **RETRY)
     def train(params=None, run_id=None, ti=None) -> dict:
         """ray job submit of ``python -m jobs.train``; adds the candidate model dir."""
         import logging
@@ -315,7 +322,7 @@ def esmm_daily():
         _ray_job(params, args, f"esmm-train-{_safe(run_id)}-{ti.try_number}", logging.getLogger("esmm.train"))
         return {**state, "candidate": str(out)}
 
-    @task(**RETRY)
+    @task(execution_timeout=dt.timedelta(hours=2), **RETRY)
     def evaluate(state: dict, params=None, run_id=None, ti=None) -> dict:
         """ray job submit of ``python -m jobs.evaluate`` on the test split (the latest days)."""
         import logging
