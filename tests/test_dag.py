@@ -7,6 +7,7 @@ temp dir before any Airflow import and the ``airflow_db`` fixture migrates that 
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ DAGS = REPO / "infra" / "airflow" / "dags"
 VENV_BIN = Path(sys.executable).parent
 
 _HOME = tempfile.mkdtemp(prefix="airflow-home-")
+atexit.register(shutil.rmtree, _HOME, True)  # also when no test here runs
 AIRFLOW_ENV = {
     "AIRFLOW_HOME": _HOME,
     "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),  # dag.test() syncs the dags-folder bundle to the DB

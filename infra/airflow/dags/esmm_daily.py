@@ -1,7 +1,7 @@
 """esmm_daily: the daily Airflow DAG: logs -> Spark ETL -> Ray training -> evaluation -> gate -> publish.
 
-One run per day ``ds`` (``airflow dags test esmm_daily 2026-01-08`` runs the day
-2026-01-08). The tasks run the same jobs a person runs (see README):
+One run per day ``ds`` (``airflow dags test esmm_daily 2026-01-14`` runs the day
+2026-01-14, labelling 2026-01-07). The tasks run the same jobs a person runs (see README):
 
     wait_for_logs   the three tables' partitions dt=LABEL_DAY..ds have _SUCCESS
     etl             spark-submit jobs/etl.py (connection spark_default; master from it)
