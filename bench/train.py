@@ -306,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-python", default=str(PEERS_PY))
     ap.add_argument("--workers", default="", help="also W data-parallel gloo workers (sharded embedding + DDP), "
                     "e.g. 1,2: bench/train_workers.py on its synthetic batches")
+    ap.add_argument("--omp-active", action="store_true",
+                    help="leave OMP_WAIT_POLICY alone (default: PASSIVE for every contender, so threads that wait "
+                         "sleep instead of spinning: on a shared machine spinning threads time each other out)")
     ap.add_argument("--json", default=None, help="also write all results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -336,8 +339,10 @@ def main(argv=None) -> int:
         cmd = [py, __file__, "--child", n, "--child-out", out, "--data", a.data,
                "--epochs", str(a.epochs), "--threads", str(a.threads)]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if not a.omp_active:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         if proc.returncode != 0:
             print(f"{n}: FAILED (exit {proc.returncode}) after {time.perf_counter() - t:.0f}s\n"
                   + proc.stdout[-3000:], flush=True)
@@ -364,7 +369,8 @@ def main(argv=None) -> int:
     peers = [r for r in results if r["name"] in PEERS]
     keys = [("samples_per_s", "wall"), ("samples_per_s_p10", "p10 step"), ("samples_per_cpu_s", "per CPU-s")]
     refs = {k: max(peers, key=lambda r: r.get(k, 0)) for k, _ in keys} if peers else {}
-    print(f"\nESMM dim {DIM}, towers {HIDDEN[0]}-{HIDDEN[1]}-1, batch {BATCH}, {a.threads} threads, "
+    print(f"\nESMM dim {DIM}, towers {HIDDEN[0]}-{HIDDEN[1]}-1, batch {BATCH}, {a.threads} threads "
+          f"(OMP_WAIT_POLICY={'as set' if a.omp_active else 'PASSIVE'}), "
           f"{a.epochs} epoch(s) of {a.rows:,} rows, {len(aliccp_like.FIELDS)} fields, test {a.test_rows:,} rows.\n"
           "samples/s three ways, each with its ratio to the faster peer: wall = rows / epoch time; p10 step =\n"
           "batch / 10th-percentile step time (steps not preempted: the figure to trust on a shared machine);\n"
