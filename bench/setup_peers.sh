@@ -19,7 +19,8 @@ PIP="$VENV/bin/pip"
     fbgemm-gpu-cpu==1.8.0 torchrec==1.9.2
 # what they import: rechub/deepctr -> numpy pandas scikit-learn tqdm requests;
 # torchrec -> iopath pyre-extensions tensordict torchmetrics (pinned by torchrec 1.9.2);
-# pyarrow reads the project's shards.
+# pyarrow reads the project's shards. (pip then warns "torchrec requires fbgemm-gpu": the
+# CPU build, fbgemm-gpu-cpu, provides the same fbgemm_gpu module under another name.)
 "$PIP" install -q numpy "pandas<3" scikit-learn tqdm requests pyarrow \
     iopath pyre-extensions tensordict torchmetrics==1.0.3
 # the project itself (bench/ imports train/ for the shared model pieces), without deps

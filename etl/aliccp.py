@@ -209,9 +209,6 @@ def _entries(feature_list):
     """
     from pyspark.sql import functions as F
 
-    seps = F.regexp_replace(feature_list, "[^\x01\x02\x03]", "")
-    n = F.length(F.regexp_replace(seps, "[\x02\x03]", "")) + 1  # entries = SOH count + 1
-    shape_ok = (feature_list == "") | (seps == F.concat(F.repeat(F.lit(STX + ETX + SOH), n - 1), F.lit(STX + ETX)))
     toks = F.when(feature_list == "", F.array().cast("array<string>")).otherwise(
         F.split(feature_list, "[\x01\x02\x03]"))
     third = lambda r: F.filter(toks, lambda x, i: i % 3 == r)  # noqa: E731
@@ -220,21 +217,31 @@ def _entries(feature_list):
     def one(e):
         idn = e["id"].try_cast("bigint")
         val = e["value"].try_cast("float")
-        ok = shape_ok & (F.length(e["field"]) > 0) & idn.isNotNull() & val.isNotNull() & ~F.isnan(val)
+        # nothing from outside the lambda in here: it would be evaluated once per entry
+        ok = (F.length(e["field"]) > 0) & idn.isNotNull() & val.isNotNull() & ~F.isnan(val)
         return F.struct(e["field"].alias("field"), idn.cast("string").alias("id"), val.alias("value"),
                         F.coalesce(ok, F.lit(False)).alias("ok"))
 
     return F.transform(zipped, one)
 
 
-def _bad_list(num_col, entries_col):
+def _shape_ok(feature_list):
+    """The separators alone, in order, are (\\x02 \\x03 \\x01)* \\x02 \\x03 (or the list is empty)."""
+    from pyspark.sql import functions as F
+
+    seps = F.regexp_replace(feature_list, "[^\x01\x02\x03]", "")
+    n = F.length(F.regexp_replace(seps, "[\x02\x03]", "")) + 1  # entries = SOH count + 1
+    return (feature_list == "") | (seps == F.concat(F.repeat(F.lit(STX + ETX + SOH), n - 1), F.lit(STX + ETX)))
+
+
+def _bad_list(num_col, entries_col, shape_ok):
     """Reason (string) the list part is malformed, or null."""
     from pyspark.sql import functions as F
 
     n = num_col.try_cast("int")
     return (
         F.when(n.isNull(), F.lit("feature_num is not an integer"))
-        .when(~F.forall(entries_col, lambda e: e["ok"]), F.lit("a feature entry is not field\\x02id\\x03value"))
+        .when(~shape_ok | ~F.forall(entries_col, lambda e: e["ok"]), F.lit("a feature entry is not field\\x02id\\x03value"))
         .when(F.size(entries_col) != n, F.concat(
             F.lit("feature_num "), n.cast("string"), F.lit(" but "), F.size(entries_col).cast("string"),
             F.lit(" entries")))
@@ -265,7 +272,7 @@ def parse_skeleton(lines):
         .when(~F.col("click_s").isin("0", "1"), F.lit("click is not 0/1"))
         .when(~F.col("conv_s").isin("0", "1"), F.lit("conversion is not 0/1"))
         .when(F.length("cfi") == 0, F.lit("empty common_feature_index"))
-        .otherwise(_bad_list(F.col("num_s"), F.col("entries")))
+        .otherwise(_bad_list(F.col("num_s"), F.col("entries"), _shape_ok(F.col("fl"))))
     )
     return df.select(
         "sample_id",
@@ -291,7 +298,7 @@ def parse_common(lines):
         F.when(F.col("ncols") != 3, F.concat(F.lit("expected 3 comma-separated columns, got "),
                                                F.col("ncols").cast("string")))
         .when(F.length("cfi") == 0, F.lit("empty common_feature_index"))
-        .otherwise(_bad_list(F.col("num_s"), F.col("entries")))
+        .otherwise(_bad_list(F.col("num_s"), F.col("entries"), _shape_ok(F.col("fl"))))
     )
     return df.select("cfi", "entries", bad.alias("bad"), "line", "source", "pos")
 
