@@ -142,7 +142,7 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     # transform: flag every row, check conservation against an independent count
     fl = flag(imps.df, ex.tables["clicks"].df, ex.tables["conversions"].df, window_days * 86400.0,
               ex.outside_impressions, ex.outside_clicks)
-    fl = Flagged(*(df.persist(StorageLevel.MEMORY_AND_DISK) for df in (fl.impressions, fl.clicks, fl.conversions)))
+    fl = Flagged(*(df.persist(StorageLevel.DISK_ONLY) for df in (fl.impressions, fl.clicks, fl.conversions)))
     try:
         read = read_counts(ex.tables)
         counts = reason_counts(fl)

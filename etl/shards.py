@@ -151,7 +151,7 @@ def write_dataset(spark, out: str, splits: dict[str, DataFrame], fields: list[di
     allrows = parts[0]
     for p in parts[1:]:
         allrows = allrows.unionByName(p, allowMissingColumns=True)
-    allrows = allrows.persist(StorageLevel.MEMORY_AND_DISK)
+    allrows = allrows.persist(StorageLevel.DISK_ONLY)  # wide list columns: keep them off the heap
     try:
         per_day: dict[str, dict] = {n: {} for n in names}
         for r in allrows.groupBy("_split", "dt").agg(

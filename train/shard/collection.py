@@ -174,16 +174,29 @@ class ShardedEmbeddingCollection(nn.Module):
         self.serve_log: list[tuple[list[int], torch.Tensor]] | None = None  # tests: (recv_splits, gids)
 
     # -- the three steps -------------------------------------------------------
-    def global_ids(self, kjt: KeyedJagged) -> torch.Tensor:
+    def all_single(self, kjt: KeyedJagged) -> bool:
+        """Every bag holds exactly one value of weight 1 (Ali-CCP's 23 fields): then
+        pooling is a plain gather, sum and mean agree, and the values are an [F, B] grid."""
+        nF, B = len(self.fields), kjt.batch_size
+        if kjt.values.numel() != nF * B or nF * B == 0:
+            return False
+        # F*B values in F*B bags of length >= 1 means every bag has length 1
+        if int(kjt.lengths().min()) < 1:
+            return False
+        return kjt.weights is None or bool((kjt.weights == 1).all())
+
+    def global_ids(self, kjt: KeyedJagged, single: bool = False) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
+        if single:  # no per-value field index to build: value (f, b) sits at f*B + b
+            return (kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)).view(-1)
         field_of_value = torch.repeat_interleave(
             torch.arange(nF, device=kjt.values.device).repeat_interleave(B), kjt.lengths(),
             output_size=kjt.values.numel(),
         )
         return kjt.values + self.field_offset[field_of_value]
 
-    def input_dist(self, kjt: KeyedJagged) -> ShardPlan:
-        gids = self.global_ids(kjt)
+    def input_dist(self, kjt: KeyedJagged, single: bool = False) -> ShardPlan:
+        gids = self.global_ids(kjt, single)
         W = self.world
         if W == 1:
             uniq, inverse = torch.unique(gids, return_inverse=True)
@@ -213,8 +226,14 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def forward(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
-        plan = self.input_dist(kjt)
+        single = self.all_single(kjt)
+        plan = self.input_dist(kjt, single)
         rows = _FetchRows.apply(self._dummy, self, plan)  # [U, dim], one per unique id
+        if single:
+            # gather straight into the [B, F, dim] layout the towers read (no transpose copy);
+            # index_select's backward is the same index_add_ as _PoolBags'
+            sample_major = plan.inverse.view(nF, B).t().reshape(-1)
+            return rows.index_select(0, sample_major).view(B, nF, self.dim)
         lengths = kjt.lengths()
         pooled = _PoolBags.apply(rows, plan.inverse, kjt.offsets, kjt.weights, lengths).view(nF, B, self.dim)
         if self.any_mean:
