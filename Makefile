@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench-etl
+.PHONY: venv demo test
 
 $(STAMP): pyproject.toml
 	@command -v java >/dev/null || { echo "error: java (17+) is required by Spark; install a JDK" >&2; exit 2; }

@@ -30,7 +30,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: python jobs/cluster.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 DEFAULT_STATE = Path.home() / ".esmm" / "ray-cluster.json"
 
@@ -156,7 +156,7 @@ def status(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="esmm cluster", description="A local Ray cluster on 127.0.0.1.")
+    p = Parser(prog="esmm cluster", description="A local Ray cluster on 127.0.0.1.")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--port", type=int, help="GCS port (default 6379, or a free one if busy)")
     p.add_argument("--dashboard-port", type=int, help="dashboard / job API port (default 8265, or a free one)")

@@ -1,6 +1,7 @@
 """Shared by every entry point: environment for loopback-only local runs, one-line errors."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -11,6 +12,18 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+class UsageError(Exception):
+    """A bad command line; reported like an InputError."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line ``esmm: error: JOB: ...`` (exit 2
+    through run_main) instead of a usage dump."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog.removeprefix('esmm ')}: {message}")
+
+
 def run_main(fn: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Call ``fn(argv)``; a user error prints one line ``esmm: error: ...`` and returns 2."""
     from etl.errors import InputError as EtlInputError
@@ -18,7 +31,7 @@ def run_main(fn: Callable[[Sequence[str] | None], int | None], argv: Sequence[st
 
     try:
         rc = fn(argv)
-    except (EtlInputError, TrainInputError) as e:
+    except (EtlInputError, TrainInputError, UsageError) as e:
         print(f"esmm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 from jobs.experiment import add_training_args  # noqa: E402
 
 # Sized to finish in minutes on 2 cores: 300k impressions over 14 days -> ~150k training
@@ -28,15 +28,10 @@ from jobs.experiment import add_training_args  # noqa: E402
 DEFAULT_IMPRESSIONS = 300_000
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        from train.errors import InputError
-
-        raise InputError(f"demo: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="esmm demo", description="synth -> etl -> experiment with all models; prints Table 2.")
+    p = Parser(prog="esmm demo", description="synth -> etl -> experiment with all models; prints Table 2.")
     p.add_argument("--out", default="runs/demo", help="work folder (default runs/demo)")
     p.add_argument("--impressions", type=int, default=DEFAULT_IMPRESSIONS, help=f"simulated impressions (default {DEFAULT_IMPRESSIONS})")
     p.add_argument("--days", type=int, default=14, help="simulated days (default 14; the first half trains)")

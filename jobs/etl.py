@@ -14,20 +14,14 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import argparse  # noqa: E402
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (via run_main), no usage dump
-        from etl.errors import InputError
-
-        raise InputError(message)
 
 
 def parse_args(argv):
-    p = _Parser(prog="esmm etl", description=__doc__.splitlines()[0])
+    p = Parser(prog="esmm etl", description=__doc__.splitlines()[0])
     p.add_argument("--logs", required=True, help="log root: impressions/, clicks/, conversions/ by dt=YYYY-MM-DD")
     p.add_argument("--out", required=True, help="output DATA folder (replaced atomically)")
     p.add_argument("--features", help="feature spec YAML (default: every impression column)")

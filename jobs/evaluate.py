@@ -14,18 +14,13 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: python jobs/evaluate.py
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        from train.errors import InputError
-
-        raise InputError(f"evaluate: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="esmm evaluate", description="Score a trained model on DATA: CTR / CVR / CTCVR AUC, log loss, calibration.")
+    p = Parser(prog="esmm evaluate", description="Score a trained model on DATA: CTR / CVR / CTCVR AUC, log loss, calibration.")
     p.add_argument("--model", required=True, help="MODEL dir from `esmm train`")
     p.add_argument("--data", required=True, help="DATA dir (manifest.json + shards)")
     p.add_argument("--out", required=True, help="metrics JSON file to write")

@@ -13,16 +13,11 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 DEFAULT_MODELS = "base,aman,oversampling,unbias,division,esmm-ns,esmm"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        from train.errors import InputError
-
-        raise InputError(f"experiment: {message}")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -38,12 +33,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="esmm experiment", description="ESMM and the paper's baselines x seeds -> report.")
+    p = Parser(prog="esmm experiment", description="ESMM and the paper's baselines x seeds -> report.")
     p.add_argument("--data", help="DATA dir (manifest.json + shards)")
     p.add_argument("--out", required=True, help="REPORT dir to write")
     p.add_argument("--merge", help="comma-separated REPORT dirs of the same experiment over other seeds: "
                    "write their combined report to --out (no training)")
     add_training_args(p)
+    p.add_argument("--workers", type=int, default=0, help="train every model on Ray with W workers (0 = in this process)")
+    p.add_argument("--address", help="Ray cluster address (default with --workers: one local cluster for the run)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per Ray worker (default 0.5)")
     return p
 
 
@@ -53,8 +51,17 @@ def run(args, data: str, out: str) -> dict:
 
     model_cfg, train_cfg = resolve(args.config, args.set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    ray_cfg = None
+    if args.workers:
+        from train.errors import InputError
+        from train.ray_trainer import RayConfig
+
+        if args.workers < 0:
+            raise InputError(f"experiment: --workers must be >= 0, got {args.workers}")
+        ray_cfg = RayConfig(num_workers=args.workers, cpus_per_worker=args.cpus_per_worker)
     return run_experiment(data, out, models, args.seeds, model_cfg, train_cfg,
-                          progress=False if args.no_progress else None, first_seed=args.first_seed)
+                          progress=False if args.no_progress else None, first_seed=args.first_seed,
+                          ray_cfg=ray_cfg, address=args.address)
 
 
 def _main(argv) -> int:

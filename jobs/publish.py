@@ -11,18 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import run_main
+from jobs.common import Parser, run_main
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (via run_main), no usage dump
-        from train.errors import InputError
-
-        raise InputError(f"publish: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="esmm publish",
         description="Gate a candidate model against production (CTCVR and CVR AUC within a tolerance); "
                     "if it passes, swap MODEL_ROOT/production to it atomically.")

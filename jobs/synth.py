@@ -12,20 +12,13 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: python jobs/synth.py
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (InputError -> exit 2)."""
-
-    def error(self, message: str):
-        from etl.errors import InputError
-
-        raise InputError(f"synth: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="esmm synth", description="Write simulated impression/click/conversion logs and their truth.")
+    p = Parser(prog="esmm synth", description="Write simulated impression/click/conversion logs and their truth.")
     p.add_argument("--out", required=True, help="log root to write (a previous synth output there is replaced)")
     p.add_argument("--impressions", type=int, default=1_000_000, help="total impressions (default 1000000)")
     p.add_argument("--days", type=int, default=14, help="impression days (default 14)")

@@ -15,20 +15,15 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: python jobs/train.py
     sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
-from jobs.common import run_main  # noqa: E402
+from jobs.common import Parser, run_main  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (via run_main)
-        from train.errors import InputError
-
-        raise InputError(f"train: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from train.baselines import MODELS
 
-    p = _Parser(prog="esmm train", description="Train one model (ESMM or a baseline) on DATA, evaluate on its test split.")
+    p = Parser(prog="esmm train", description="Train one model (ESMM or a baseline) on DATA, evaluate on its test split.")
     p.add_argument("--data", required=True, help="DATA dir (manifest.json + shards, from `esmm etl`)")
     p.add_argument("--out", required=True, help="MODEL dir to write")
     p.add_argument("--model", default="esmm", choices=list(MODELS), help="model name (default esmm)")

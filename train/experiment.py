@@ -11,9 +11,11 @@ CVR AUC and calibration over the entire test space against ``would_convert``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -85,12 +87,16 @@ def checks(summary: dict) -> dict:
 def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] | None = None,
                    seeds: int = 3, model_cfg: EsmmConfig | None = None, train_cfg: TrainConfig | None = None,
                    embedding_factory: EmbeddingFactory | None = None, progress: bool | None = None,
-                   log: Callable[[str], None] = print, first_seed: int = 0) -> dict:
+                   log: Callable[[str], None] = print, first_seed: int = 0,
+                   ray_cfg=None, address: str | None = None) -> dict:
     """Run the protocol on DATA and (with ``out_dir``) write report.json, report.md and plots.
 
     Args:
         models (list[str]): models to compare (``ctr`` is always trained: it is the protocol's).
         seeds (int): repetitions; seed s uses TrainConfig.seed = first_seed + s.
+        ray_cfg (train.ray_trainer.RayConfig | None): train every model on Ray with these
+            workers (one cluster for the whole run: ``address``, or a private local one);
+            the models land in REPORT/ray_models/seed-S/NAME. Scoring is unchanged.
     Returns:
         the report dict (see report.json).
     """
@@ -114,23 +120,34 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
 
     per_seed: dict[str, list[dict]] = {m: [] for m in (["ctr"] + [m for m in models if m != "ctr"])}
     training: dict[str, list[dict]] = {m: [] for m in per_seed}
-    for s in range(seeds):
-        tc = replace(train_cfg, seed=first_seed + s)
-        ctr_model, ctr_preds = None, None
-        for name in per_seed:
-            t0 = time.perf_counter()
-            model, result = train_model(name, train, model_cfg, tc, val, ctr_model=ctr_model,
-                                        embedding_factory=embedding_factory, progress=progress)
-            preds = predict(model, test)
-            if name == "ctr":
-                ctr_model, ctr_preds = model, preds["p_ctr"]
-            m = score(preds, test, None if name in OWN_CTR else ctr_preds, truth)
-            m["seed"] = tc.seed
-            per_seed[name].append(m)
-            training[name].append({k: v for k, v in result.items() if k != "optimizers"}
-                                  | {"seconds": time.perf_counter() - t0})
-            shown = "  ".join(f"{k} {m[k]:.4f}" for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc") if k in m)
-            log(f"seed {tc.seed} {name:<12} {shown}  ({time.perf_counter() - t0:.1f}s, best epoch {result['best_epoch'] + 1})")
+    if ray_cfg is not None:
+        from train.ray_trainer import ray_cluster
+
+        ray_root = Path(out_dir or tempfile.mkdtemp(prefix="esmm-exp-")) / "ray_models"
+        cluster = ray_cluster(address)  # one cluster for every model x seed (run_training reuses it)
+    else:
+        cluster = contextlib.nullcontext()
+    with cluster:
+        for s in range(seeds):
+            tc = replace(train_cfg, seed=first_seed + s)
+            ctr_model, ctr_preds = None, None
+            for name in per_seed:
+                t0 = time.perf_counter()
+                if ray_cfg is None:
+                    model, result = train_model(name, train, model_cfg, tc, val, ctr_model=ctr_model,
+                                                embedding_factory=embedding_factory, progress=progress)
+                else:
+                    model, result = _train_on_ray(data_dir, ray_root / f"seed-{tc.seed}", name, model_cfg, tc, ray_cfg)
+                preds = predict(model, test)
+                if name == "ctr":
+                    ctr_model, ctr_preds = model, preds["p_ctr"]
+                m = score(preds, test, None if name in OWN_CTR else ctr_preds, truth)
+                m["seed"] = tc.seed
+                per_seed[name].append(m)
+                training[name].append({k: v for k, v in result.items() if k != "optimizers"}
+                                      | {"seconds": time.perf_counter() - t0})
+                shown = "  ".join(f"{k} {m[k]:.4f}" for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc") if k in m)
+                log(f"seed {tc.seed} {name:<12} {shown}  ({time.perf_counter() - t0:.1f}s, best epoch {result['best_epoch'] + 1})")
 
     summary = summarise(per_seed)
     report = {
@@ -138,7 +155,7 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
         "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(),
         "dataset": {split: {k: v for k, v in manifest["splits"][split].items() if k != "files"}
                     for split in ("train", "test") if split in manifest["splits"]},
-        "entire_space": truth is not None,
+        "entire_space": truth is not None, "workers": ray_cfg.num_workers if ray_cfg is not None else 0,
         "summary": summary, "checks": checks(summary),
         "per_seed": {name: [{k: v for k, v in m.items()} for m in runs] for name, runs in per_seed.items()},
         "training": training, "elapsed_s": time.perf_counter() - t_start,
@@ -148,6 +165,24 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
 
         write_report(report, out_dir)
     return report
+
+
+def _train_on_ray(data_dir: str, seed_dir: Path, name: str, model_cfg: EsmmConfig, tc: TrainConfig, ray_cfg):
+    """Train ``name`` with train.ray_trainer.run_training into SEED_DIR/NAME; baselines
+    that need the independent CTR model get SEED_DIR/ctr (trained first in the protocol).
+    Returns (model, fit result) like train.local.train_model."""
+    from train.baselines import NEEDS_CTR_MODEL
+    from train.local import load_model
+    from train.ray_trainer import run_training
+
+    ctr_dir = str(seed_dir / "ctr") if name in NEEDS_CTR_MODEL else None
+    metrics = run_training(data_dir, str(seed_dir / name), name, model_cfg, tc,
+                           replace(ray_cfg, name=name), ctr_model_dir=ctr_dir)
+    model = load_model(str(seed_dir / name))[0]
+    if ctr_dir and hasattr(model, "set_ctr_model"):
+        model.set_ctr_model(load_model(ctr_dir)[0])
+    model.eval()
+    return model, metrics["training"]
 
 
 def merge_reports(report_dirs: list[str], out_dir: str | None = None) -> dict:

@@ -124,7 +124,9 @@ class _PoolBags(torch.autograd.Function):
         inverse, weights, lengths = ctx.saved_tensors
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
                                       output_size=inverse.numel())
-        grad_values = grad_bags.index_select(0, bag).mul_(weights.unsqueeze(1))
+        grad_values = grad_bags.index_select(0, bag)
+        if weights is not None:  # None = every weight 1
+            grad_values.mul_(weights.unsqueeze(1))
         grad_rows = grad_bags.new_zeros(ctx.num_rows, grad_bags.shape[1]).index_add_(0, inverse, grad_values)
         return grad_rows, None, None, None, None
 

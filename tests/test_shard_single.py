@@ -1,0 +1,64 @@
+"""The all-single fast path of ShardedEmbeddingCollection (every bag one value of weight 1,
+Ali-CCP's case): a plain gather in [B, F, dim] order must give what the general pooling path
+gives (outputs bit for bit, row gradients up to summation order), and anything else must
+take the general path."""
+from __future__ import annotations
+
+import torch
+
+from train.embedding import FieldConfig
+from train.jagged import KeyedJagged
+from train.shard import ShardedEmbeddingCollection
+
+FIELDS = [FieldConfig("user", "single", 41), FieldConfig("item", "single", 7, "mean"),
+          FieldConfig("ctx", "single", 3)]  # ctx: every id repeats many times
+DIM, B = 5, 64
+
+
+def single_kjt(g: torch.Generator, weights: bool = True) -> KeyedJagged:
+    vals = torch.cat([torch.randint(0, f.vocab_size, (B,), generator=g) for f in FIELDS])
+    off = torch.arange(len(FIELDS) * B + 1)
+    return KeyedJagged([f.name for f in FIELDS], vals, off, torch.ones(vals.numel()) if weights else None, B)
+
+
+def run(emb: ShardedEmbeddingCollection, kjt: KeyedJagged, general: bool):
+    if general:
+        emb.all_single = lambda kjt: False  # instance attribute: force the pooling path
+    try:
+        out = emb(kjt)
+        g = torch.Generator().manual_seed(3)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        idx, grad = emb.take_grads()
+        return out.detach(), idx, grad
+    finally:
+        emb.__dict__.pop("all_single", None)
+
+
+def test_single_fast_path_equals_general_path():
+    g = torch.Generator().manual_seed(0)
+    emb = ShardedEmbeddingCollection(FIELDS, DIM, init_std=0.1, seed=5)
+    for weights in (True, False):
+        kjt = single_kjt(g, weights)
+        assert emb.all_single(kjt)
+        fast, general = run(emb, kjt, False), run(emb, kjt, True)
+        assert fast[0].shape == (B, len(FIELDS), DIM) and fast[0].is_contiguous()
+        assert torch.equal(fast[0], general[0])
+        assert torch.equal(fast[1], general[1])
+        torch.testing.assert_close(fast[2], general[2], rtol=1e-6, atol=1e-7)
+
+
+def test_other_batches_take_the_general_path():
+    g = torch.Generator().manual_seed(1)
+    emb = ShardedEmbeddingCollection(FIELDS, DIM, seed=5)
+    kjt = single_kjt(g)
+    # weighted values
+    w = kjt.weights.clone()
+    w[3] = 0.5
+    assert not emb.all_single(KeyedJagged(kjt.keys, kjt.values, kjt.offsets, w, B))
+    # as many values as bags, but one bag empty and one bag of two
+    off = kjt.offsets.clone()
+    off[1] = 0  # bag 0 empty, bag 1 holds values 0 and 1
+    assert not emb.all_single(KeyedJagged(kjt.keys, kjt.values, off, kjt.weights, B))
+    # an empty batch
+    e = KeyedJagged(kjt.keys, kjt.values[:0], torch.zeros(1, dtype=torch.long), kjt.weights[:0], 0)
+    assert not emb.all_single(e)
