@@ -8,6 +8,8 @@ number of epochs, one contender per fresh subprocess, one after another:
                 train.local.train_model("esmm") -> train.loop.fit with the default
                 EsmmConfig embedding (train/shard's collection at world size 1, lazy Adam
                 rows); every row trains (no hold-out), no early stopping
+  ours-bf16     ours with EsmmConfig(tower_precision="bf16"): the towers under bf16 autocast
+                (fp32 weights, rows and losses), for CPUs with avx512_bf16 / AMX
   ours-ref      the same with embedding="plain": the reference EmbeddingCollection
                 (one sparse-gradient table + torch.optim.SparseAdam)
   plain         a minimal plain-PyTorch loop over in-memory tensors: one nn.Embedding
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import aliccp_like  # noqa: E402
 
 DIM, HIDDEN, BATCH, LR = 18, (200, 80), 2048, 1e-3
-CONTENDERS = ["ours", "ours-ref", "plain", "rechub", "deepctr"]
+CONTENDERS = ["ours", "ours-bf16", "ours-ref", "plain", "rechub", "deepctr"]
 PEERS = {"rechub", "deepctr"}
 PEERS_PY = HERE / ".venv-peers" / "bin" / "python"
 
@@ -95,7 +97,8 @@ def _threads(n: int) -> None:
     torch.manual_seed(0)
 
 
-def run_ours(data_dir: str, epochs: int, threads: int, embedding: str | None = None) -> dict:
+def run_ours(data_dir: str, epochs: int, threads: int, embedding: str | None = None,
+             tower_precision: str = "fp32") -> dict:
     """What ``esmm train --model esmm`` runs (train.local.train_model), minus its hold-out.
 
     ``embedding`` None keeps the project's default (EsmmConfig.embedding), else "plain"
@@ -113,7 +116,7 @@ def run_ours(data_dir: str, epochs: int, threads: int, embedding: str | None = N
     train = load_split(data_dir, "train", fields, manifest)
     test = load_split(data_dir, "test", fields, manifest)
     load_s = time.perf_counter() - t
-    cfg = EsmmConfig(dim=DIM, hidden=HIDDEN, lr=LR)
+    cfg = EsmmConfig(dim=DIM, hidden=HIDDEN, lr=LR, tower_precision=tower_precision)
     if embedding is not None:
         cfg = EsmmConfig.from_dict({**cfg.to_dict(), "embedding": embedding})
     make = default_embedding_factory(cfg)
@@ -270,6 +273,7 @@ def run_deepctr(data_dir: str, epochs: int, threads: int) -> dict:
 
 
 RUNNERS = {"ours": run_ours, "ours-ref": lambda d, e, t: run_ours(d, e, t, embedding="plain"),
+           "ours-bf16": lambda d, e, t: run_ours(d, e, t, tower_precision="bf16"),
            "plain": run_plain, "rechub": run_rechub, "deepctr": run_deepctr}
 
 
