@@ -25,6 +25,7 @@ def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | Non
         "spark.sql.shuffle.partitions": "8",
         "spark.sql.adaptive.enabled": "true",
         "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",  # no progress bars in job logs
         "spark.driver.memory": os.environ.get("ESMM_SPARK_DRIVER_MEMORY", "4g"),
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
     }

@@ -22,8 +22,6 @@ from jobs.common import Parser, run_main  # noqa: E402
 FORMATS = ("raw", "rechub-csv", "paddlerec-txt")
 
 
-
-
 def parse_args(argv):
     p = Parser(prog="esmm aliccp", description=__doc__.splitlines()[0])
     p.add_argument("--raw", required=True, help="input folder (the unpacked release, or the processed samples)")

@@ -28,8 +28,6 @@ from jobs.experiment import add_training_args  # noqa: E402
 DEFAULT_IMPRESSIONS = 300_000
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="esmm demo", description="synth -> etl -> experiment with all models; prints Table 2.")
     p.add_argument("--out", default="runs/demo", help="work folder (default runs/demo)")

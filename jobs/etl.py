@@ -18,8 +18,6 @@ if _ROOT not in sys.path:
 from jobs.common import Parser, run_main  # noqa: E402
 
 
-
-
 def parse_args(argv):
     p = Parser(prog="esmm etl", description=__doc__.splitlines()[0])
     p.add_argument("--logs", required=True, help="log root: impressions/, clicks/, conversions/ by dt=YYYY-MM-DD")

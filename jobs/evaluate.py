@@ -17,8 +17,6 @@ if __package__ in (None, ""):  # run as a script: python jobs/evaluate.py
 from jobs.common import Parser, run_main  # noqa: E402
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="esmm evaluate", description="Score a trained model on DATA: CTR / CVR / CTCVR AUC, log loss, calibration.")
     p.add_argument("--model", required=True, help="MODEL dir from `esmm train`")

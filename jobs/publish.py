@@ -14,8 +14,6 @@ import sys
 from jobs.common import Parser, run_main
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="esmm publish",

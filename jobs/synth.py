@@ -15,8 +15,6 @@ if __package__ in (None, ""):  # run as a script: python jobs/synth.py
 from jobs.common import Parser, run_main  # noqa: E402
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="esmm synth", description="Write simulated impression/click/conversion logs and their truth.")
     p.add_argument("--out", required=True, help="log root to write (a previous synth output there is replaced)")

@@ -18,8 +18,6 @@ if __package__ in (None, ""):  # run as a script: python jobs/train.py
 from jobs.common import Parser, run_main  # noqa: E402
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     from train.baselines import MODELS
 
