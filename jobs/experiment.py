@@ -18,8 +18,6 @@ from jobs.common import Parser, run_main  # noqa: E402
 DEFAULT_MODELS = "base,aman,oversampling,unbias,division,esmm-ns,esmm"
 
 
-
-
 def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     p.add_argument("--seeds", type=int, default=3, help="repetitions per model (default 3)")
@@ -52,16 +50,17 @@ def run(args, data: str, out: str) -> dict:
     model_cfg, train_cfg = resolve(args.config, args.set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     ray_cfg = None
-    if args.workers:
+    workers = getattr(args, "workers", 0)  # `esmm demo` passes its own args, without the Ray flags
+    if workers:
         from train.errors import InputError
         from train.ray_trainer import RayConfig
 
-        if args.workers < 0:
-            raise InputError(f"experiment: --workers must be >= 0, got {args.workers}")
-        ray_cfg = RayConfig(num_workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+        if workers < 0:
+            raise InputError(f"experiment: --workers must be >= 0, got {workers}")
+        ray_cfg = RayConfig(num_workers=workers, cpus_per_worker=args.cpus_per_worker)
     return run_experiment(data, out, models, args.seeds, model_cfg, train_cfg,
                           progress=False if args.no_progress else None, first_seed=args.first_seed,
-                          ray_cfg=ray_cfg, address=args.address)
+                          ray_cfg=ray_cfg, address=getattr(args, "address", None))
 
 
 def _main(argv) -> int:

@@ -98,3 +98,23 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys, argv, needle):
     rc = main(base + argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1 and err.startswith("esmm: error:")
+
+
+def test_demo_runs_synth_etl_experiment_and_prints_table2(spark, tmp_path, capsys):
+    """The README's first command, at a tiny size: synth -> Spark ETL -> experiment -> Table 2."""
+    from jobs import demo
+
+    out = tmp_path / "demo"
+    rc = demo.main(["--out", str(out), "--impressions", "6000", "--days", "4", "--seeds", "1",
+                    "--models", "base,esmm", "--epochs", "1", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "## Results (Table 2)" in printed and "| ESMM |" in printed and "| BASE |" in printed
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["models"] == ["base", "esmm"] and set(report["per_seed"]) >= {"base", "esmm", "ctr"}
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["impressions"] + manifest["splits"]["test"]["impressions"] == 6000
+    # a second run reuses the data (same simulation) and still prints the table
+    assert demo.main(["--out", str(out), "--impressions", "6000", "--days", "4", "--seeds", "1",
+                      "--models", "base,esmm", "--epochs", "1", "--no-progress"]) == 0
+    assert "reusing" in capsys.readouterr().out
