@@ -157,7 +157,7 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
                     for split in ("train", "test") if split in manifest["splits"]},
         "entire_space": truth is not None, "workers": ray_cfg.num_workers if ray_cfg is not None else 0,
         "summary": summary, "checks": checks(summary),
-        "per_seed": {name: [{k: v for k, v in m.items()} for m in runs] for name, runs in per_seed.items()},
+        "per_seed": per_seed,
         "training": training, "elapsed_s": time.perf_counter() - t_start,
     }
     if out_dir:
