@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="train every model on Ray with W workers (0 = in this process)")
     p.add_argument("--address", help="Ray cluster address (default with --workers: one local cluster for the run)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per Ray worker (default 0.5)")
+    p.add_argument("--data-mode", choices=("memory", "stream"), default="memory",
+                   help="Ray workers hold their rows in memory (default) or stream them (see `esmm train -h`)")
     return p
 
 
@@ -57,7 +59,7 @@ def run(args, data: str, out: str) -> dict:
 
         if workers < 0:
             raise InputError(f"experiment: --workers must be >= 0, got {workers}")
-        ray_cfg = RayConfig(num_workers=workers, cpus_per_worker=args.cpus_per_worker)
+        ray_cfg = RayConfig(num_workers=workers, cpus_per_worker=args.cpus_per_worker, data_mode=args.data_mode)
     return run_experiment(data, out, models, args.seeds, model_cfg, train_cfg,
                           progress=False if args.no_progress else None, first_seed=args.first_seed,
                           ray_cfg=ray_cfg, address=getattr(args, "address", None))

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per Ray worker (default 0.5: "
                    "leaves cores to Ray Data's read tasks)")
+    p.add_argument("--data-mode", choices=("memory", "stream"), default="memory",
+                   help="Ray workers hold their rows in memory and shuffle them per epoch like one process "
+                   "(default), or stream them from Ray Data (data larger than the workers' memory)")
     p.add_argument("--max-failures", type=int, default=2, help="Ray Train restarts from the last checkpoint")
     return p
 

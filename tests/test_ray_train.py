@@ -1,7 +1,10 @@
 """Ray Train with the sharded embedding, on the real local cluster of ``ray_start_2_cpus``.
 
 - a 2-worker run on tiny shards finishes and writes a model (model.pt, config.json,
-  metrics.json) that loads and predicts;
+  metrics.json) that loads and predicts; the workers held every row but the fewer than W
+  that Ray's equal split leaves out, validating on the rows `esmm train` validates on;
+- 1 worker (data_mode=memory) trains exactly like one process: the same losses per epoch;
+- data_mode=stream runs too;
 - a worker killed mid-epoch (test-only fault) is restarted by Ray Train from the last
   checkpoint: the run ends with the same step count and the same final losses;
 - ``ray job submit`` of jobs/train.py against the same cluster succeeds;
@@ -23,8 +26,7 @@ from train.ray_trainer import RayConfig, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, BATCH, EPOCHS = 1600, 128, 2
-# 1600 train rows, 5% (80) validate; 1520 / 2 workers = 760 rows each, 64 per local batch
-STEPS_PER_EPOCH = -(-760 // (BATCH // 2))
+SETS = ["checkpoint_every=4", "patience=0"]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,19 @@ def tiny_data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("raydata"), n_train=N_TRAIN, n_test=400, days=4, shards_per_day=2)
 
 
-def _train(data, out, address, fail_at=None):
-    model_cfg, train_cfg = resolve(None, ["checkpoint_every=4", "patience=0"], epochs=EPOCHS, batch_size=BATCH, seed=0)
-    ray_cfg = RayConfig(num_workers=2, max_failures=1, fail_at=fail_at)
+@pytest.fixture(scope="module")
+def held_out(tiny_data):
+    """(validation rows, the rest) of tiny_data's train split by the holdout rule."""
+    from train.data import holdout_mask, load_split
+
+    _, train_cfg = resolve(None, SETS)
+    n_val = int(holdout_mask(load_split(tiny_data, "train").sample_id, train_cfg.val_fraction).sum())
+    return n_val, N_TRAIN - n_val
+
+
+def _train(data, out, address, fail_at=None, workers=2, data_mode="memory"):
+    model_cfg, train_cfg = resolve(None, SETS, epochs=EPOCHS, batch_size=BATCH, seed=0)
+    ray_cfg = RayConfig(num_workers=workers, max_failures=1, fail_at=fail_at, data_mode=data_mode)
     return run_training(str(data), str(out), "esmm", model_cfg, train_cfg, ray_cfg, address=address)
 
 
@@ -44,7 +56,7 @@ def uninterrupted(ray_start_2_cpus, tiny_data, tmp_path_factory):
     return out, _train(tiny_data, out, ray_start_2_cpus["address"])
 
 
-def test_two_workers_train_and_write_a_model(uninterrupted, tiny_data):
+def test_two_workers_train_and_write_a_model(uninterrupted, tiny_data, held_out):
     import torch
 
     from train.data import load_split
@@ -53,8 +65,12 @@ def test_two_workers_train_and_write_a_model(uninterrupted, tiny_data):
     out, metrics = uninterrupted
     assert {"model.pt", "config.json", "metrics.json"} <= {p.name for p in out.iterdir()}
     t = metrics["training"]
-    assert t["workers"] == 2 and t["steps"] == EPOCHS * STEPS_PER_EPOCH
-    assert [h["steps"] for h in t["history"]] == [STEPS_PER_EPOCH] * EPOCHS
+    n_val, n_rest = held_out
+    rows = t["rows"]  # Ray's equal split: each dataset loses its rows mod 2, nothing else
+    assert rows == {"train": n_rest - n_rest % 2, "val": n_val - n_val % 2, "left_out": n_rest % 2 + n_val % 2}
+    steps = -(-(n_rest // 2) // (BATCH // 2))  # each worker: half the rows, half the batch
+    assert t["workers"] == 2 and t["steps"] == EPOCHS * steps
+    assert [h["steps"] for h in t["history"]] == [steps] * EPOCHS
     assert t["history"][-1]["train_loss"] < t["history"][0]["train_loss"]
     model, cfg = load_model(out)
     assert cfg["ray"]["saved_by_workers"] == 2
@@ -72,12 +88,60 @@ def test_killed_worker_restarts_from_checkpoint(uninterrupted, ray_start_2_cpus,
     assert marker.exists()  # the fault did fire
     t, r = metrics["training"], ref["training"]
     assert t["resumed_at_global_step"] == 4  # continued from the step-4 checkpoint, not from scratch
-    assert t["steps"] == r["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert t["steps"] == r["steps"]
     for h, hr in zip(t["history"], r["history"]):
         assert h["steps"] == hr["steps"]
         assert h["train_loss"] == pytest.approx(hr["train_loss"], rel=1e-4)
         assert h["val_loss"] == pytest.approx(hr["val_loss"], rel=1e-4)
     assert metrics["ctcvr_auc"] == pytest.approx(ref["ctcvr_auc"], abs=1e-3)
+
+
+def test_one_worker_trains_like_one_process(ray_start_2_cpus, tiny_data, tmp_path):
+    """The same rows, validation rows, shuffles, init and steps as `esmm train`."""
+    from train.local import train_on_data
+
+    ray_m = _train(tiny_data, tmp_path / "ray", ray_start_2_cpus["address"], workers=1)
+    local = train_on_data(str(tiny_data), str(tmp_path / "local"), "esmm", None, SETS, progress=False,
+                          epochs=EPOCHS, batch_size=BATCH, seed=0)
+    a, b = ray_m["training"]["history"], local["training"]["history"]
+    assert [h["steps"] for h in a] == [h["steps"] for h in b]
+    for ha, hb in zip(a, b):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)
+        assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-5)
+    assert ray_m["ctcvr_auc"] == pytest.approx(local["ctcvr_auc"], abs=1e-5)
+    assert ray_m["training"]["rows"]["left_out"] == 0
+
+
+def test_stream_mode_trains(ray_start_2_cpus, tiny_data, tmp_path, held_out):
+    m = _train(tiny_data, tmp_path / "stream", ray_start_2_cpus["address"], data_mode="stream")
+    h = m["training"]["history"]
+    n_rest = held_out[1]
+    assert [x["steps"] for x in h] == [-(-(n_rest // 2) // (BATCH // 2))] * EPOCHS  # same rows as memory mode
+    assert h[-1]["train_loss"] < h[0]["train_loss"] and m["training"]["rows"] is None
+    assert 0.0 < m["ctcvr_auc"] < 1.0
+
+
+def test_experiment_on_ray_trains_baselines_on_their_views(ray_start_2_cpus, tiny_data, tmp_path):
+    """`esmm experiment --workers 2`: BASE steps over the clicked rows of the whole shard
+    (not per streamed batch); UNBIAS gets the protocol's CTR model and its 1/pCTR weights."""
+    import math
+
+    from train.data import holdout_mask, load_split
+    from train.experiment import run_experiment
+
+    model_cfg, train_cfg = resolve(None, SETS, epochs=EPOCHS, batch_size=BATCH)
+    report = run_experiment(str(tiny_data), str(tmp_path / "rep"), ["base", "unbias"], 1, model_cfg, train_cfg,
+                            progress=False, log=lambda _: None, ray_cfg=RayConfig(num_workers=2),
+                            address=ray_start_2_cpus["address"])
+    cols = load_split(tiny_data, "train")
+    clicks = int(cols.click.numpy()[~holdout_mask(cols.sample_id, train_cfg.val_fraction)].sum())
+    steps = report["training"]["base"][0]["history"][0]["steps"]
+    # each worker: its share of the clicks, BATCH // 2 rows a step (the rank with more sets the count)
+    assert math.ceil(clicks / 2 / (BATCH // 2)) <= steps <= math.ceil(clicks / (BATCH // 2)), (clicks, steps)
+    for name in ("ctr", "base", "unbias"):
+        assert report["training"][name][0]["workers"] == 2
+        assert math.isfinite(report["training"][name][0]["history"][0]["train_loss"])
+    assert 0.0 < report["summary"]["unbias"]["cvr_auc"]["mean"] < 1.0
 
 
 def test_ray_job_submit(ray_start_2_cpus, tiny_data, tmp_path):

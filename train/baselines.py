@@ -46,10 +46,9 @@ class SingleTask(CtrCvrModel):
     def outputs(self):
         return ("p_ctr",) if self.label == "click" else ("p_cvr",)
 
-    def label_priors(self, click, conversion, weight=None):
-        w = torch.ones_like(click) if weight is None else weight
-        target = click if self.label == "click" else conversion
-        return {self.label: float((w * target).sum() / w.sum().clamp(min=1e-12))}
+    def priors_from_sums(self, s):
+        w, wc, wz, _ = (float(x) for x in s)
+        return {self.label: (wc if self.label == "click" else wz) / max(w, 1e-12)}
 
     def forward(self, kjt: KeyedJagged) -> dict[str, torch.Tensor]:
         (logit,) = self.dense(self.embeddings[0](kjt).flatten(1))

@@ -28,6 +28,7 @@ from train.errors import InputError
 from train.jagged import Batch, KeyedJagged, take_bags
 
 LABELS = ("click", "conversion")
+HOLDOUT_SEED = 12345  # validation rows: the same for every model and training seed
 
 
 # ---------------------------------------------------------------- manifest
@@ -208,13 +209,31 @@ class Columns:
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
-    def split_off(self, fraction: float, seed: int = 12345) -> tuple["Columns", "Columns"]:
-        """(rest, held-out) with ``fraction`` of the rows held out at random (fixed seed:
-        every model and every training seed validates on the same rows)."""
+    def split_off(self, fraction: float, seed: int = HOLDOUT_SEED) -> tuple["Columns", "Columns"]:
+        """(rest, held-out): the rows ``holdout_mask`` picks by sample_id (the Ray path holds
+        out the same rows); by a seeded permutation when there are no sample ids."""
+        if self.sample_id is not None:
+            out_mask = torch.from_numpy(holdout_mask(self.sample_id, fraction, seed))
+            return self.take(torch.nonzero(~out_mask).flatten()), self.take(torch.nonzero(out_mask).flatten())
         n_out = int(round(len(self) * fraction))
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         rest, out = perm[n_out:].sort().values, perm[:n_out].sort().values
         return self.take(rest), self.take(out)
+
+
+
+def holdout_mask(sample_id, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """bool [n]: the validation rows, picked by a keyed hash of each sample_id. It is a
+    function of the id alone (not of file order, row position or worker), so every model,
+    training seed and worker count validates on the same rows, and a day appended later
+    leaves the earlier days' choice as it was."""
+    import pandas as pd
+
+    ids = np.asarray(sample_id, dtype=object)
+    if len(ids) == 0 or fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    h = pd.util.hash_array(ids, hash_key=f"esmm-val{int(seed) % 10**8:08d}", categorize=False)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53) < float(fraction)
 
 
 def table_to_columns(table: pa.Table, fields: list[FieldConfig]) -> Columns:

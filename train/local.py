@@ -28,6 +28,7 @@ import torch
 from train.baselines import NEEDS_CTR_MODEL, OWN_CTR, build_model
 from train.config import resolve
 from train.data import Columns, load_manifest, load_split, manifest_fields
+from train.device import to_device
 from train.embedding import FieldConfig
 from train.errors import InputError
 from train.evaluate import predict, read_truth, score, truth_dir
@@ -42,8 +43,10 @@ def dataset_view(model, cols: Columns, seed: int, epoch: int, batch_size: int = 
     g = torch.Generator().manual_seed((int(seed) * 7919 + int(epoch)) * 104729 + 17)
     rows = model.select_rows(cols.click, cols.conversion, g)
     view = cols if rows is None else cols.take(rows)
-    if len(view) and model.row_weight(view.slice(0, 1).features) is not None:
-        w = [model.row_weight(b.features) for b in view.batches(batch_size)]
+    device = next(model.parameters()).device  # a Ray worker's model may be on its GPU
+    weigh = lambda b: model.row_weight(to_device(b, device).features)  # noqa: E731
+    if len(view) and weigh(view.slice(0, 1)) is not None:
+        w = [weigh(b).cpu() for b in view.batches(batch_size)]
         view = Columns(view.fields, view.columns, view.click, view.conversion, view.sample_id, torch.cat(w))
     return view
 

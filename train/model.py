@@ -161,6 +161,13 @@ def bce_log_prob(log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * log_p + (1.0 - target) * log1mexp(log_p))
 
 
+def label_sums(click: torch.Tensor, conversion: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [4]: sums of w, w*click, w*conversion, w*click*conversion over the rows."""
+    w = torch.ones_like(click, dtype=torch.float64) if weight is None else weight.double()
+    c, z = click.double(), conversion.double()
+    return torch.stack([w.sum(), (w * c).sum(), (w * z).sum(), (w * c * z).sum()])
+
+
 def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         return per_sample.mean()
@@ -213,21 +220,22 @@ class CtrCvrModel(nn.Module):
     def label_priors(self, click: torch.Tensor, conversion: torch.Tensor,
                      weight: torch.Tensor | None = None) -> dict[str, float]:
         """Each head's base rate on the rows it trains on (its ``train_view``'s labels)."""
-        w = torch.ones_like(click) if weight is None else weight
-        ctr = float((w * click).sum() / w.sum().clamp(min=1e-12))
-        cvr_all = float((w * click * conversion).sum() / (w * click).sum().clamp(min=1e-12))
-        ctcvr = float((w * click * conversion).sum() / w.sum().clamp(min=1e-12))
-        return {"ctr": ctr, "cvr": cvr_all, "ctcvr": ctcvr}
+        return self.priors_from_sums(label_sums(click, conversion, weight))
+
+    def priors_from_sums(self, s: torch.Tensor) -> dict[str, float]:
+        """Base rates from ``label_sums`` (sums add up across workers)."""
+        w, wc, _, wcz = (float(x) for x in s)
+        return {"ctr": wc / max(w, 1e-12), "cvr": wcz / max(wc, 1e-12), "ctcvr": wcz / max(w, 1e-12)}
 
     @torch.no_grad()
-    def init_output_bias(self, click: torch.Tensor, conversion: torch.Tensor,
-                         weight: torch.Tensor | None = None) -> dict[str, float]:
+    def init_output_bias(self, click: torch.Tensor | None, conversion: torch.Tensor | None,
+                         weight: torch.Tensor | None = None, sums: torch.Tensor | None = None) -> dict[str, float]:
         """Start every tower at its label's base rate (no steps wasted learning the bias).
 
         Pass the labels (and weights) of the rows the model trains on, e.g. the whole
-        training view; returns the priors used.
+        training view, or their ``label_sums`` (summed over workers); returns the priors used.
         """
-        priors = self.label_priors(click, conversion, weight)
+        priors = self.priors_from_sums(sums if sums is not None else label_sums(click, conversion, weight))
         for name, tower in zip(self.dense.names, self.dense.towers):
             p = min(max(priors[name], 1e-6), 1 - 1e-6)
             if hasattr(tower, "set_output_bias"):

@@ -10,8 +10,13 @@ Data (``read_parquet``) and starts a ``TorchTrainer``. Each worker
 the shard process group, wraps the dense towers in DDP and calls ``train.loop.fit`` —
 the one training loop — with:
 
-- batches: its ``get_dataset_shard("train")`` stream, ``iter_batches(batch_format=
-  "pyarrow")`` -> ``train.data.arrow_to_batch``; the global batch is ``batch_size``,
+- batches (``RayConfig.data_mode``): ``memory`` (default) reads the worker's
+  ``get_dataset_shard("train")`` once (``iter_batches(batch_format="pyarrow")`` ->
+  ``train.data.table_to_columns``) and then trains exactly like one process: per epoch
+  the model's view of all its rows (``train.local.dataset_view``), shuffled with
+  (seed, rank, epoch); ``stream`` converts each streamed batch
+  (``train.data.arrow_to_batch``) under a local shuffle buffer and takes the view per
+  batch, for data larger than the workers' memory. The global batch is ``batch_size``,
   each of W workers takes ``batch_size // W`` rows of it. Every rank steps in lockstep
   (a 1-int all-reduce per step) because every step is an all-to-all.
 - checkpoints: ``ray.train.report(checkpoint=...)`` from every rank; the checkpoint
@@ -26,8 +31,8 @@ At the end every rank reports the final (best-epoch) model; the driver assembles
 whole table (re-sharding to world 1), writes MODEL/ like ``esmm train`` does
 (model.pt, config.json) and evaluates it on the test split (metrics.json).
 
-Validation (early stopping) holds out the last ``val_fraction`` of the training rows in
-manifest order (the latest rows; no shuffle of a big dataset is needed).
+Validation (early stopping) holds out the training rows ``train.data.holdout_mask``
+picks by sample_id: the same rows as `esmm train` / `esmm experiment` in one process.
 GPU (``--gpus-per-worker``): NCCL, bf16 towers, fp32 rows, pinned batches (train/device.py).
 """
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch.distributed as dist
 
 from train.embedding import FieldConfig
 from train.errors import InputError
-from train.jagged import Batch, take_batch
+from train.jagged import Batch
 from train.loop import TrainConfig, fit, step_generator
 from train.model import EsmmConfig
 from train.shard.checkpoint import load_shard, merge_state, plain_keys, save_shard, split_state, wrapped_keys
@@ -67,32 +72,157 @@ class RayConfig:
     storage_path: str | None = None  # default MODEL/ray
     name: str = "train"
     resume: bool = False  # continue the run under storage_path/name (else it is cleared)
+    # memory: each worker holds its 1/W of the rows and, per epoch, takes the model's view of
+    # all of them (BASE's clicked rows, AMAN's sampled negatives) and shuffles it, exactly as
+    # one process does. stream: batches stream from Ray Data with a local shuffle buffer of
+    # shuffle_batches batches and the view per batch, for data larger than the workers' memory.
+    data_mode: str = "memory"
+    shuffle_batches: int = 16
     fail_at: dict | None = field(default=None)  # tests only, see FAIL_ENV
 
 
 # ---------------------------------------------------------------- the worker
 
-def _lockstep(it, device, world: int):
-    """Yield items while EVERY rank still has one: all ranks take the same number of steps."""
+def _lockstep(it, device, world: int, fill=None):
+    """Yield items in step with the other ranks (every step is an all-to-all). Without
+    ``fill``: while EVERY rank still has one. With ``fill``: while ANY rank has one; a rank
+    that has run out takes ``fill()`` (a blank row), so no rank's rows are dropped."""
     it = iter(it)
     while True:
         item = next(it, None)
         if world > 1:
             flag = torch.tensor([0 if item is None else 1], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN if fill is None else dist.ReduceOp.MAX)
             if int(flag) == 0:
                 return
+            if item is None:
+                item = fill()
         elif item is None:
             return
         yield item
 
 
-def _nonempty(view: Batch, batch: Batch) -> Batch:
-    """A view with no rows (BASE on a batch without clicks) as one zero-weight row, so this
-    rank still joins the step's all-to-alls and DDP's all-reduce with zero gradients."""
-    if view.size:
-        return view
-    return take_batch(batch, torch.zeros(1, dtype=torch.long), weight=torch.zeros(1))
+def _blank_row(fields) -> Batch:
+    """One row of id 0 (out of vocabulary) in every field, weight 0: a step that joins the
+    all-to-alls and DDP's all-reduce and changes nothing (zero gradients)."""
+    from train.data import FieldColumn, collate
+
+    one = lambda: FieldColumn(torch.zeros(1, dtype=torch.long), torch.tensor([0, 1]), None)  # noqa: E731
+    b = collate([one() for _ in fields], [f.name for f in fields], torch.zeros(1), torch.zeros(1))
+    b.weight = torch.zeros(1)
+    return b
+
+
+def _nonempty(view: Batch, fields) -> Batch:
+    """A view with no rows (BASE on a batch without clicks) as one blank row, so this rank
+    still joins the step's collectives."""
+    return view if view.size else _blank_row(fields)
+
+
+def _materialize(name: str, fields):
+    """This worker's part of dataset ``name`` (its get_dataset_shard) as one Columns, or
+    None when the split gave it no rows (it then pads every step)."""
+    import pyarrow as pa
+    import ray.train
+
+    from train.data import table_to_columns
+
+    shard = ray.train.get_dataset_shard(name)
+    tables = list(shard.iter_batches(batch_size=65536, batch_format="pyarrow", prefetch_batches=1))
+    if sum(t.num_rows for t in tables) == 0:
+        return None
+    return table_to_columns(pa.concat_tables(tables).combine_chunks(), fields)
+
+
+def _memory_source(model, fields, config: dict, rank: int, local_bs: int, eval_bs: int, device, world: int):
+    """data_mode=memory: read this worker's rows once; each epoch, the model's view of all of
+    them (train.local.dataset_view), shuffled with (seed, rank, epoch), like one process.
+    Ranks with fewer batches (views differ: BASE's clicks) pad with blank rows: every row of
+    every rank is trained on."""
+    from train.local import dataset_view
+    from train.loop import step_generator
+
+    seed = int(config["train_cfg"].get("seed", 0))
+    rank_seed = seed + 1_000_003 * rank  # rank 0 of 1 worker shuffles like `esmm train`
+    train = _materialize("train", fields)
+    val = _materialize("val", fields) if config["has_val"] else None
+    blank = _blank_row(fields)
+    views: dict = {}
+
+    def train_batches(epoch: int, start_step: int):
+        if epoch not in views and train is not None:
+            views.clear()
+            views[epoch] = dataset_view(model, train, rank_seed, epoch)
+        it = views[epoch].batches(local_bs, shuffle=True, seed=rank_seed, epoch=epoch,
+                                  start_step=start_step) if train is not None else ()
+        return _lockstep(it, device, world, fill=lambda: blank)
+
+    def val_batches():
+        views_ = (_nonempty(model.train_view(b, step_generator(seed, -1, i)), fields)
+                  for i, b in enumerate(val.batches(eval_bs) if val is not None else ()))
+        return _lockstep(views_, device, world, fill=lambda: blank)
+
+    def label_sums():  # of epoch 0's view, summed over the workers (EsmmConfig.init_bias)
+        from train.model import label_sums as sums_of
+
+        train_batches(0, 0)
+        v = views.get(0)
+        s = sums_of(v.click, v.conversion, v.weight) if v is not None else torch.zeros(4, dtype=torch.float64)
+        s = s.to(device)
+        if world > 1:
+            dist.all_reduce(s)
+        return s.cpu()
+
+    held = torch.tensor([len(train) if train is not None else 0, len(val) if val is not None else 0], device=device)
+    if world > 1:
+        dist.all_reduce(held)
+    rows = {"train": int(held[0]), "val": int(held[1])}
+    total = (config.get("train_counts") or {}).get("impressions")
+    if total is not None:  # what Ray Train's equal split left out (fewer than W per dataset)
+        rows["left_out"] = int(total) - rows["train"] - rows["val"]
+        if rank == 0 and rows["left_out"]:
+            print(f"[esmm] {rows['left_out']} of {total} training rows left out by Ray Train's equal split "
+                  f"into {world} workers (at most {world - 1} per dataset)", flush=True)
+    return train_batches, val_batches, rows, label_sums
+
+
+def _stream_source(model, fields, config: dict, local_bs: int, eval_bs: int, device, world: int):
+    """data_mode=stream: batches straight from the Ray Data stream (a local shuffle buffer
+    over blocks in manifest order), the model's view taken per batch; a rank whose view
+    runs out first pads with blank rows until the last one is done."""
+    import ray.train
+
+    from train.data import arrow_to_batch
+    from train.loop import step_generator
+
+    seed = int(config["train_cfg"].get("seed", 0))
+    buffer = int(config["shuffle_batches"]) * local_bs
+    blank = _blank_row(fields)
+
+    def train_batches(epoch: int, start_step: int):
+        shard = ray.train.get_dataset_shard("train")
+        raw = shard.iter_batches(batch_size=local_bs, batch_format="pyarrow", prefetch_batches=2,
+                                 local_shuffle_buffer_size=buffer or None,
+                                 local_shuffle_seed=(seed * 1_000_003 + epoch) if buffer else None)
+        for step, table in enumerate(_lockstep(raw, device, world, fill=lambda: None)):
+            if step >= start_step:  # resume: the earlier batches were trained on before the restart
+                if table is None:  # this rank is out of rows, another is not
+                    yield blank
+                    continue
+                batch = arrow_to_batch(table, fields)
+                yield _nonempty(model.train_view(batch, step_generator(seed, epoch, step)), fields)
+
+    def val_batches():
+        shard = ray.train.get_dataset_shard("val")
+        for i, table in enumerate(_lockstep(shard.iter_batches(batch_size=eval_bs, batch_format="pyarrow"),
+                                            device, world, fill=lambda: None)):
+            if table is None:
+                yield blank
+                continue
+            batch = arrow_to_batch(table, fields)
+            yield _nonempty(model.train_view(batch, step_generator(seed, -1, i)), fields)
+
+    return train_batches, val_batches, None  # rows are not known before the stream ends
 
 
 def _maybe_fail(fail_at: dict | None, epoch: int, step: int, rank: int) -> None:
@@ -110,7 +240,7 @@ def _maybe_fail(fail_at: dict | None, epoch: int, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _build(config: dict, group, device):
+def _build(config: dict, group, device, bias_from_counts: bool):
     from train.baselines import NEEDS_CTR_MODEL, build_model
     from train.shard import ShardedEmbeddingCollection
 
@@ -124,7 +254,7 @@ def _build(config: dict, group, device):
 
     torch.manual_seed(seed)
     model = build_model(config["model"], fields, model_cfg, factory)
-    if model_cfg.init_bias and config.get("train_counts"):
+    if bias_from_counts and model_cfg.init_bias and config.get("train_counts"):
         _init_bias_from_counts(model, config["train_counts"], seed)
     if config["model"] in NEEDS_CTR_MODEL:
         from train.local import load_model
@@ -184,7 +314,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from train.data import arrow_to_batch
     from train.device import bf16_towers, to_device
     from train.shard import shard_group
 
@@ -196,53 +325,47 @@ def train_loop_per_worker(config: dict) -> None:
     if not use_gpu:  # the workers share the machine's cores
         train_cfg.threads = max(1, int(config["threads_per_worker"]))
     group = shard_group()
-    model = _build(config, group, device)
+    memory = config["data_mode"] == "memory"
+    model = _build(config, group, device, bias_from_counts=not memory)
     fields = model.fields
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
+    local_bs = max(1, train_cfg.batch_size // world)
+    eval_bs = max(1, train_cfg.eval_batch_size // world)
+    if memory:
+        train_batches, val_batches, rows, sums = _memory_source(model, fields, config, rank, local_bs, eval_bs,
+                                                                 device, world)
+        if ckpt is None and EsmmConfig.from_dict(config["model_cfg"]).init_bias and hasattr(model, "init_output_bias"):
+            model.init_output_bias(None, None, sums=sums())  # the rows' own base rates, as in one process
+    else:
+        train_batches, val_batches, rows = _stream_source(model, fields, config, local_bs, eval_bs, device, world)
     if use_gpu:
         bf16_towers(model.dense, "cuda")
     if world > 1:
         model.dense = DDP(model.dense, device_ids=[device.index] if use_gpu else None)
 
     start_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_state = _restore(model, d, rank, world)
         if rank == 0:
             print(f"[esmm] resuming at epoch {start_state['epoch']} step {start_state['step']} "
                   f"(global step {start_state['global_step']}, saved by {start_state.get('world')} workers)", flush=True)
+    fail_at = config.get("fail_at")
 
-    local_bs = max(1, train_cfg.batch_size // world)
-    eval_bs = max(1, train_cfg.eval_batch_size // world)
-    seed, fail_at = train_cfg.seed, config.get("fail_at")
-
-    def view_of(batch: Batch, gen) -> Batch:
-        return _nonempty(model.train_view(batch, gen), batch)
-
-    def train_batches(epoch: int, start_step: int):
-        shard = ray.train.get_dataset_shard("train")
-        raw = shard.iter_batches(batch_size=local_bs, batch_format="pyarrow", prefetch_batches=2,
-                                 local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-                                 local_shuffle_seed=(seed * 1_000_003 + epoch) if config["shuffle_buffer"] else None)
-        for step, table in enumerate(_lockstep(raw, device, world)):
-            if step < start_step:  # resume: these batches were trained on before the restart
-                continue
+    def batches(epoch: int, start_step: int):
+        for step, batch in enumerate(train_batches(epoch, start_step), start_step):
             _maybe_fail(fail_at, epoch, step, rank)
-            batch = arrow_to_batch(table, fields)
-            yield to_device(view_of(batch, step_generator(seed, epoch, step)), device)
+            yield to_device(batch, device)
 
     def eval_fn(m) -> float:
-        shard = ray.train.get_dataset_shard("val")
         total = torch.zeros(2, dtype=torch.float64, device=device)
         was = m.training
         m.eval()
         with torch.no_grad():
-            for i, table in enumerate(_lockstep(shard.iter_batches(batch_size=eval_bs, batch_format="pyarrow"),
-                                                device, world)):
-                batch = arrow_to_batch(table, fields)
-                v = to_device(view_of(batch, step_generator(seed, -1, i)), device)
+            for v in val_batches():
+                v = to_device(v, device)
                 w = float(v.weight.sum()) if v.weight is not None else float(v.size)
                 total[0] += float(m.loss(v)) * w
                 total[1] += w
@@ -265,12 +388,13 @@ def train_loop_per_worker(config: dict) -> None:
                   f"({h['samples'] * world} samples, {h['seconds']:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
-    result = fit(model, train_batches, eval_fn if config["has_val"] else None, train_cfg,
+    result = fit(model, batches, eval_fn if config["has_val"] else None, train_cfg,
                  checkpoint_cb=checkpoint_cb, start_state=start_state, progress=False, apply_view=False)
     result.pop("optimizers", None)
     result["seconds"] = time.perf_counter() - t0
     # where this attempt started: > 0 after a restart from a checkpoint
     result["resumed_at_global_step"] = int(start_state["global_step"]) if start_state else 0
+    result["rows"] = rows  # memory mode: the train / validation rows the workers held, summed
     final = {"model": model.state_dict(), "final": True}
     _report_checkpoint(model, final, rank, world, {"final": 1, "global_step": result["steps"],
                                                    "result": json.dumps(result, default=float)}, extra)
@@ -332,6 +456,18 @@ def ray_cluster(address: str | None, num_cpus: int | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _holdout_rows(table, fraction: float, keep_val: bool):
+    """Ray Data batch fn: the validation rows (``keep_val``) or the rest, by the same
+    sample_id rule as `esmm train` (train.data.holdout_mask); sample_id is dropped."""
+    import pyarrow as pa
+
+    from train.data import holdout_mask
+
+    mask = holdout_mask(table.column("sample_id").to_numpy(zero_copy_only=False), fraction)
+    keep = mask if keep_val else ~mask
+    return table.filter(pa.array(keep)).drop_columns(["sample_id"])
+
+
 def _datasets(data_dir: str, manifest: dict, fields: list[FieldConfig], val_fraction: float):
     import ray.data
 
@@ -339,17 +475,18 @@ def _datasets(data_dir: str, manifest: dict, fields: list[FieldConfig], val_frac
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per epoch from rank 0 is the progress report
-    # blocks keep the manifest's file order, so the validation rows and each worker's
-    # rows are the same on every run (a restarted run replays exactly what it skipped)
+    # blocks keep the manifest's file order, so each worker's rows are the same on every
+    # run (a restarted run replays exactly what it skipped)
     ctx.execution_options.preserve_order = True
     files = split_files(data_dir, manifest, "train")
     if not files:
         raise InputError(f"{data_dir}/manifest.json: split 'train' lists no files")
-    ds = ray.data.read_parquet(files, partitioning=None).select_columns(shard_columns(fields, sample_id=False))
+    ds = ray.data.read_parquet(files, partitioning=None).select_columns(shard_columns(fields, sample_id=True))
     if val_fraction <= 0:
-        return {"train": ds}
-    train, val = ds.train_test_split(test_size=val_fraction, shuffle=False)  # the latest rows validate
-    return {"train": train, "val": val}
+        return {"train": ds.drop_columns(["sample_id"])}
+    split = lambda keep_val: ds.map_batches(_holdout_rows, batch_format="pyarrow", batch_size=None,  # noqa: E731
+                                            fn_kwargs={"fraction": val_fraction, "keep_val": keep_val})
+    return {"train": split(False), "val": split(True)}
 
 
 def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
@@ -366,6 +503,8 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
 
     if ray_cfg.num_workers < 1:
         raise InputError(f"--workers must be >= 1, got {ray_cfg.num_workers}")
+    if ray_cfg.data_mode not in ("memory", "stream"):
+        raise InputError(f"--data-mode must be memory or stream, got {ray_cfg.data_mode!r}")
     if name in NEEDS_CTR_MODEL and not ctr_model_dir:
         raise InputError(f"train: --model {name} with --workers needs --ctr-model (a trained `ctr` MODEL dir)")
     manifest = load_manifest(data_dir)
@@ -381,7 +520,7 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
         "model": name, "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(),
         "fields": [asdict(f) for f in fields], "use_gpu": use_gpu,
         "threads_per_worker": max(1, min(train_cfg.threads or cores, cores) // ray_cfg.num_workers),
-        "shuffle_buffer": 4 * max(1, train_cfg.batch_size // ray_cfg.num_workers),
+        "data_mode": ray_cfg.data_mode, "shuffle_batches": ray_cfg.shuffle_batches,
         "has_val": train_cfg.val_fraction > 0, "fail_at": ray_cfg.fail_at,
         "train_counts": {k: manifest["splits"]["train"].get(k) for k in ("impressions", "clicks", "conversions")},
         "ctr_model_dir": str(Path(ctr_model_dir).resolve()) if ctr_model_dir else None,
@@ -446,6 +585,7 @@ def train_on_ray(args, overrides: dict) -> dict:
     ray_cfg = RayConfig(num_workers=args.workers, gpus_per_worker=float(args.gpus_per_worker or 0.0),
                         cpus_per_worker=float(getattr(args, "cpus_per_worker", None) or 0.5),
                         max_failures=int(getattr(args, "max_failures", None) or 2),
-                        resume=bool(getattr(args, "resume", False)), fail_at=_fail_at_from_env())
+                        resume=bool(getattr(args, "resume", False)), fail_at=_fail_at_from_env(),
+                        data_mode=getattr(args, "data_mode", None) or "memory")
     return run_training(args.data, args.out, args.model, model_cfg, train_cfg, ray_cfg,
                         ctr_model_dir=args.ctr_model, address=args.address)
