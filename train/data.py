@@ -221,7 +221,6 @@ class Columns:
         return self.take(rest), self.take(out)
 
 
-
 def holdout_mask(sample_id, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
     """bool [n]: the validation rows, picked by a keyed hash of each sample_id. It is a
     function of the id alone (not of file order, row position or worker), so every model,
