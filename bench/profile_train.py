@@ -64,24 +64,11 @@ def main(argv=None) -> int:
             epoch += 1
 
     it = forever()
-
-    def steps(n):
-        for _ in range(n):
-            t0 = time.perf_counter()
-            b = next(it)
-            t1 = time.perf_counter()
-            loss = model.loss(b)
-            t2 = time.perf_counter()
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            t3 = time.perf_counter()
-            for o in opts:
-                o.step()
-            t4 = time.perf_counter()
-            yield t1 - t0, t2 - t1, t3 - t2, t4 - t3
+    next_batch, loss_of = (lambda: next(it)), model.loss
 
     if a.plain:  # bench/train.py's plain loop: an [N, F] id matrix, one nn.Embedding, SparseAdam
+        import itertools
+
         import torch.nn.functional as F
         from torch import nn
 
@@ -95,28 +82,35 @@ def main(argv=None) -> int:
               for _ in range(2)]
         opts = [torch.optim.SparseAdam(emb.parameters(), lr=1e-3),
                 torch.optim.Adam([*tw[0].parameters(), *tw[1].parameters()], lr=1e-3)]
-        perm = torch.randperm(len(y))
+        perm, step_no = torch.randperm(len(y)), itertools.count()
 
-        def steps(n):  # noqa: F811
-            for i in range(n):
-                t0 = time.perf_counter()
-                idx = perm[(i * 2048) % (len(y) - 2048):][:2048]
-                xb, yb, zb = x[idx], y[idx], z[idx]
-                t1 = time.perf_counter()
-                e = emb(xb).flatten(1)
-                ca, cb = tw[0](e).squeeze(-1), tw[1](e).squeeze(-1)
-                lp = (F.logsigmoid(ca) + F.logsigmoid(cb)).clamp(max=-1e-7)
-                loss = F.binary_cross_entropy_with_logits(ca, yb) - (yb * zb * lp + (1 - yb * zb)
-                                                                     * torch.log(-torch.expm1(lp))).mean()
-                t2 = time.perf_counter()
-                for o in opts:
-                    o.zero_grad()
-                loss.backward()
-                t3 = time.perf_counter()
-                for o in opts:
-                    o.step()
-                t4 = time.perf_counter()
-                yield t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        def next_batch():
+            idx = perm[(next(step_no) * 2048) % (len(y) - 2048):][:2048]
+            return x[idx], y[idx], z[idx]
+
+        def loss_of(batch):
+            xb, yb, zb = batch
+            e = emb(xb).flatten(1)
+            ca, cb = tw[0](e).squeeze(-1), tw[1](e).squeeze(-1)
+            lp = (F.logsigmoid(ca) + F.logsigmoid(cb)).clamp(max=-1e-7)
+            return F.binary_cross_entropy_with_logits(ca, yb) - (yb * zb * lp + (1 - yb * zb)
+                                                                 * torch.log(-torch.expm1(lp))).mean()
+
+    def steps(n):  # per step: seconds of each phase
+        for _ in range(n):
+            t0 = time.perf_counter()
+            b = next_batch()
+            t1 = time.perf_counter()
+            loss = loss_of(b)
+            t2 = time.perf_counter()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            for o in opts:
+                o.step()
+            t4 = time.perf_counter()
+            yield t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
     import numpy as np
 
