@@ -86,7 +86,8 @@ class RayConfig:
 def _lockstep(it, device, world: int, fill=None):
     """Yield items in step with the other ranks (every step is an all-to-all). Without
     ``fill``: while EVERY rank still has one. With ``fill``: while ANY rank has one; a rank
-    that has run out takes ``fill()`` (a blank row), so no rank's rows are dropped."""
+    that has run out takes ``fill()`` (a blank row, or None for the caller to turn into
+    one), so no rank's rows are dropped."""
     it = iter(it)
     while True:
         item = next(it, None)
@@ -113,10 +114,23 @@ def _blank_row(fields) -> Batch:
     return b
 
 
-def _nonempty(view: Batch, fields) -> Batch:
-    """A view with no rows (BASE on a batch without clicks) as one blank row, so this rank
-    still joins the step's collectives."""
-    return view if view.size else _blank_row(fields)
+def _view(model, batch: Batch | None, gen, fields) -> Batch:
+    """The model's training view of ``batch``; a blank row when there is nothing to train on
+    (this rank is out of batches, or BASE on a batch without clicks), so the rank still
+    joins the step's collectives."""
+    if batch is not None:
+        view = model.train_view(batch, gen)
+        if view.size:
+            return view
+    return _blank_row(fields)
+
+
+def _val_views(model, batches, seed: int, fields, device, world: int):
+    """Validation batches in lockstep, as the model's views with `esmm train`'s fixed sampling."""
+    from train.loop import step_generator
+
+    for i, batch in enumerate(_lockstep(batches, device, world, fill=lambda: None)):
+        yield _view(model, batch, step_generator(seed, -1, i), fields)
 
 
 def _materialize(name: str, fields):
@@ -140,7 +154,6 @@ def _memory_source(model, fields, config: dict, rank: int, local_bs: int, eval_b
     Ranks with fewer batches (views differ: BASE's clicks) pad with blank rows: every row of
     every rank is trained on."""
     from train.local import dataset_view
-    from train.loop import step_generator
 
     seed = int(config["train_cfg"].get("seed", 0))
     rank_seed = seed + 1_000_003 * rank  # rank 0 of 1 worker shuffles like `esmm train`
@@ -149,24 +162,25 @@ def _memory_source(model, fields, config: dict, rank: int, local_bs: int, eval_b
     blank = _blank_row(fields)
     views: dict = {}
 
-    def train_batches(epoch: int, start_step: int):
-        if epoch not in views and train is not None:
+    def view_of(epoch: int):  # this epoch's view of the rank's rows (kept for the epoch's steps)
+        if train is not None and epoch not in views:
             views.clear()
             views[epoch] = dataset_view(model, train, rank_seed, epoch)
-        it = views[epoch].batches(local_bs, shuffle=True, seed=rank_seed, epoch=epoch,
-                                  start_step=start_step) if train is not None else ()
+        return views.get(epoch)
+
+    def train_batches(epoch: int, start_step: int):
+        view = view_of(epoch)
+        it = view.batches(local_bs, shuffle=True, seed=rank_seed, epoch=epoch,
+                          start_step=start_step) if view is not None else ()
         return _lockstep(it, device, world, fill=lambda: blank)
 
     def val_batches():
-        views_ = (_nonempty(model.train_view(b, step_generator(seed, -1, i)), fields)
-                  for i, b in enumerate(val.batches(eval_bs) if val is not None else ()))
-        return _lockstep(views_, device, world, fill=lambda: blank)
+        return _val_views(model, val.batches(eval_bs) if val is not None else (), seed, fields, device, world)
 
     def label_sums():  # of epoch 0's view, summed over the workers (EsmmConfig.init_bias)
         from train.model import label_sums as sums_of
 
-        train_batches(0, 0)
-        v = views.get(0)
+        v = view_of(0)
         s = sums_of(v.click, v.conversion, v.weight) if v is not None else torch.zeros(4, dtype=torch.float64)
         s = s.to(device)
         if world > 1:
@@ -197,7 +211,6 @@ def _stream_source(model, fields, config: dict, local_bs: int, eval_bs: int, dev
 
     seed = int(config["train_cfg"].get("seed", 0))
     buffer = int(config["shuffle_batches"]) * local_bs
-    blank = _blank_row(fields)
 
     def train_batches(epoch: int, start_step: int):
         shard = ray.train.get_dataset_shard("train")
@@ -206,21 +219,12 @@ def _stream_source(model, fields, config: dict, local_bs: int, eval_bs: int, dev
                                  local_shuffle_seed=(seed * 1_000_003 + epoch) if buffer else None)
         for step, table in enumerate(_lockstep(raw, device, world, fill=lambda: None)):
             if step >= start_step:  # resume: the earlier batches were trained on before the restart
-                if table is None:  # this rank is out of rows, another is not
-                    yield blank
-                    continue
-                batch = arrow_to_batch(table, fields)
-                yield _nonempty(model.train_view(batch, step_generator(seed, epoch, step)), fields)
+                batch = None if table is None else arrow_to_batch(table, fields)
+                yield _view(model, batch, step_generator(seed, epoch, step), fields)
 
     def val_batches():
-        shard = ray.train.get_dataset_shard("val")
-        for i, table in enumerate(_lockstep(shard.iter_batches(batch_size=eval_bs, batch_format="pyarrow"),
-                                            device, world, fill=lambda: None)):
-            if table is None:
-                yield blank
-                continue
-            batch = arrow_to_batch(table, fields)
-            yield _nonempty(model.train_view(batch, step_generator(seed, -1, i)), fields)
+        tables = ray.train.get_dataset_shard("val").iter_batches(batch_size=eval_bs, batch_format="pyarrow")
+        return _val_views(model, (arrow_to_batch(t, fields) for t in tables), seed, fields, device, world)
 
     return train_batches, val_batches, None  # rows are not known before the stream ends
 
@@ -336,7 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
     if memory:
         train_batches, val_batches, rows, sums = _memory_source(model, fields, config, rank, local_bs, eval_bs,
                                                                  device, world)
-        if ckpt is None and EsmmConfig.from_dict(config["model_cfg"]).init_bias and hasattr(model, "init_output_bias"):
+        if ckpt is None and model.cfg.init_bias and hasattr(model, "init_output_bias"):
             model.init_output_bias(None, None, sums=sums())  # the rows' own base rates, as in one process
     else:
         train_batches, val_batches, rows = _stream_source(model, fields, config, local_bs, eval_bs, device, world)
