@@ -41,11 +41,13 @@ def test_experiment_end_to_end(data, tmp_path, capsys):
             assert len(s[name][metric]["values"]) == 2, (name, metric)
             assert 0 <= s[name][metric]["mean"] <= 1 and s[name][metric]["std"] >= 0
     assert len(s["ctr"]["ctr_auc"]["values"]) == 2  # the independent CTR model, per seed
-    # the protocol: baselines' pCTCVR uses the independent ctr model, ESMM its own pCTR
-    for name in ("base", "unbias", "division"):
+    # the paper's protocol: EVERY model's pCTCVR uses the independent ctr model's pCTR;
+    # the models with their own pCTCVR have it scored beside, under its own name
+    for name in ("base", "unbias", "division", "esmm-ns", "esmm"):
         assert {r["ctcvr_pctr"] for r in report["per_seed"][name]} == {"ctr model"}
-    for name in ("esmm", "esmm-ns"):
-        assert {r["ctcvr_pctr"] for r in report["per_seed"][name]} == {"own"}
+    for name in ("division", "esmm-ns", "esmm"):
+        assert all("own_ctcvr_auc" in r for r in report["per_seed"][name])
+    assert not any("own_ctcvr_auc" in r for r in report["per_seed"]["base"])
     # every model is scored on the same test rows
     n = {r["n"] for runs in report["per_seed"].values() for r in runs}
     assert n == {800}
@@ -54,6 +56,32 @@ def test_experiment_end_to_end(data, tmp_path, capsys):
     assert "Table 2" in md and md.count("\n| ") >= 2 + 5
     for png in ("auc.png", "calibration.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctcvr_is_own_pcvr_times_the_ctr_networks_pctr():
+    """score(): ctcvr_* = pCVR x the independent pCTR even for a model with its own pCTCVR,
+    own_ctcvr_* = the model's own product; checked against AUCs computed by hand."""
+    import numpy as np
+    import torch
+
+    from train.evaluate import score
+
+    class Split:  # the two label columns score() reads
+        click = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+        conversion = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+
+    p_cvr = np.array([0.9, 0.2, 0.3, 0.8, 0.1, 0.4])
+    p_own_ctr = np.array([0.1, 0.9, 0.9, 0.1, 0.1, 0.9])  # own product ranks positives 2nd/3rd..
+    ctr_net = np.array([0.5, 0.5, 0.9, 0.5, 0.5, 0.5])
+    preds = {"p_ctr": p_own_ctr, "p_cvr": p_cvr, "p_ctcvr": p_own_ctr * p_cvr}
+    m = score(preds, Split, ctr_preds=ctr_net)
+    # paper: pCTCVR = [.45 .10 .27 .40 .05 .20]; positives rows 0, 2 (y*z): pairs vs 4 negatives
+    # row 0 (.45) beats all 4; row 2 (.27) beats .10 .05 .20, loses to .40 -> (4 + 3) / 8
+    assert m["ctcvr_pctr"] == "ctr model" and m["ctcvr_auc"] == 7 / 8
+    # own: [.09 .18 .27 .08 .01 .36]: row 0 beats .08 .01 (2), row 2 beats .18 .08 .01 (3) -> 5 / 8
+    assert m["own_ctcvr_auc"] == 5 / 8
+    alone = score(preds, Split)  # a lone `esmm train`: no independent ctr network
+    assert alone["ctcvr_pctr"] == "own" and alone["ctcvr_auc"] == 5 / 8
 
 
 def test_train_then_evaluate_agree(data, tmp_path):

@@ -167,7 +167,8 @@ MODELS: dict[str, Callable[..., CtrCvrModel]] = {
     "ctr": CTR, "base": Base, "aman": AMAN, "oversampling": Oversampling, "unbias": Unbias,
     "division": Division, "esmm-ns": EsmmNS, "esmm": ESMM,
 }
-# the models that supply their own pCTR to pCTCVR; every other one uses the ctr model's
+# the models with their own pCTR: a lone `esmm train` (no independent ctr model) scores
+# their CTCVR with it; `esmm experiment` uses the ctr model's pCTR for every model (the paper's)
 OWN_CTR = ("esmm", "esmm-ns", "ctr")
 NEEDS_CTR_MODEL = ("unbias",)
 

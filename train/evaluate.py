@@ -4,8 +4,12 @@
     m = score(preds, test, ctr_preds=..., truth=...)  # the metrics dict metrics.json holds
 
 - CTR AUC over all test impressions; CVR AUC over the clicked ones; CTCVR AUC over all.
-- A model without its own pCTR (every baseline) gets pCTCVR = its pCVR x the pCTR of the
-  independent ``ctr`` model (``ctr_preds``), as in the paper.
+- CTCVR as the paper defines it (section 4.2): EVERY model's pCTCVR = its own pCVR x the
+  pCTR of one independently trained CTR network (``ctr_preds``), ESMM and ESMM-NS too,
+  so the column compares the pCVR estimates alone. Without ``ctr_preds`` (a lone
+  `esmm train`), ``ctcvr_*`` falls back to the model's own product (``ctcvr_pctr`` says
+  which). A model that predicts its own pCTCVR (ESMM: own pCTR x pCVR, what a deployed
+  ESMM serves) also gets it scored as ``own_ctcvr_*``.
 - With the simulator's truth (LOGS/truth/, keyed by impression_id == sample_id) the
   pCVR is also scored over the ENTIRE test space against ``would_convert``.
 """
@@ -79,10 +83,14 @@ def score(preds: dict[str, np.ndarray], split: Columns, ctr_preds: np.ndarray | 
     m["cvr_auc"] = metrics.auc(z[clicked], p_cvr[clicked])
     m["cvr_logloss"] = metrics.log_loss(z[clicked], p_cvr[clicked])
     m["cvr_calibration"] = metrics.calibration(z[clicked], p_cvr[clicked], bins)
-    own = "p_ctcvr" in preds and ctr_preds is None
-    p_ctcvr = preds["p_ctcvr"] if own else (p_cvr * ctr_preds if ctr_preds is not None else None)
+    own = preds.get("p_ctcvr")
+    if own is not None:  # the model's own pCTCVR (ESMM: own pCTR x own pCVR)
+        m["own_ctcvr_auc"] = metrics.auc(yz, own)
+        m["own_ctcvr_logloss"] = metrics.log_loss(yz, own)
+        m["own_ctcvr_calibration"] = metrics.calibration(yz, own, bins)
+    p_ctcvr = p_cvr * ctr_preds if ctr_preds is not None else own
     if p_ctcvr is not None:
-        m["ctcvr_pctr"] = "own" if own else "ctr model"
+        m["ctcvr_pctr"] = "ctr model" if ctr_preds is not None else "own"
         m["ctcvr_auc"] = metrics.auc(yz, p_ctcvr)
         m["ctcvr_logloss"] = metrics.log_loss(yz, p_ctcvr)
         m["ctcvr_calibration"] = metrics.calibration(yz, p_ctcvr, bins)

@@ -1,8 +1,9 @@
 """The paper's protocol (Ma et al. 2018, section 4): every model x every seed, one test set.
 
-Per seed: first the independent ``ctr`` network; it supplies the pCTR of every
-baseline's pCTCVR = pCVR x pCTR (and UNBIAS's 1/pCTR weights). ESMM and ESMM-NS use
-their own pCTR. Every model sees the same train rows, the same validation rows (for
+Per seed: first the independent ``ctr`` network (BASE's structure, on all impressions);
+as in the paper (section 4.2) it supplies the pCTR of EVERY model's pCTCVR = pCVR x pCTR,
+ESMM and ESMM-NS included, so the CTCVR column compares pCVR estimates alone (and it
+gives UNBIAS its pCTR). ESMM's own pCTR x pCVR is scored beside it as ``own_ctcvr_auc``. Every model sees the same train rows, the same validation rows (for
 early stopping) and is scored on the same test rows: CVR AUC over the clicked test
 impressions, CTCVR AUC over all of them, and, when the data came from the simulator,
 CVR AUC and calibration over the entire test space against ``would_convert``.
@@ -23,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from train.baselines import MODELS, OWN_CTR
+from train.baselines import MODELS
 from train.data import load_manifest, load_split, manifest_fields
 from train.errors import InputError
 from train.evaluate import predict, read_truth, score, truth_dir
@@ -36,6 +37,7 @@ DEFAULT_MODELS = ["base", "aman", "oversampling", "unbias", "division", "esmm-ns
 # metrics summarised as mean/std over seeds (path into the metrics dict)
 SUMMARY = {
     "cvr_auc": ("cvr_auc",), "ctcvr_auc": ("ctcvr_auc",), "ctr_auc": ("ctr_auc",),
+    "own_ctcvr_auc": ("own_ctcvr_auc",),
     "entire_cvr_auc": ("entire_cvr_auc",), "unclicked_cvr_auc": ("unclicked_cvr_auc",),
     "cvr_logloss": ("cvr_logloss",), "ctcvr_logloss": ("ctcvr_logloss",), "ctr_logloss": ("ctr_logloss",),
     "entire_cvr_logloss": ("entire_cvr_logloss",),
@@ -141,7 +143,7 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
                 preds = predict(model, test)
                 if name == "ctr":
                     ctr_model, ctr_preds = model, preds["p_ctr"]
-                m = score(preds, test, None if name in OWN_CTR else ctr_preds, truth)
+                m = score(preds, test, ctr_preds, truth)
                 m["seed"] = tc.seed
                 per_seed[name].append(m)
                 training[name].append({k: v for k, v in result.items() if k != "optimizers"}

@@ -9,8 +9,10 @@ from train.metrics import jsonable
 
 NAMES = {"base": "BASE", "aman": "AMAN", "oversampling": "OVERSAMPLING", "unbias": "UNBIAS",
          "division": "DIVISION", "esmm-ns": "ESMM-NS", "esmm": "ESMM", "ctr": "CTR (independent)"}
+# ctcvr_auc: every model's pCVR x the independent CTR network's pCTR (the paper's CTCVR
+# task); own_ctcvr_auc: the model's own pCTR x pCVR (what a deployed ESMM serves)
 COLUMNS = [("cvr_auc", "CVR AUC (clicked)"), ("ctcvr_auc", "CTCVR AUC (all)"),
-           ("entire_cvr_auc", "CVR AUC (entire space)")]
+           ("entire_cvr_auc", "CVR AUC (entire space)"), ("own_ctcvr_auc", "CTCVR AUC, own pCTR x pCVR")]
 
 
 def _pm(s: dict | None) -> str:
@@ -57,8 +59,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# ESMM experiment", "",
         f"Data: `{report['data']}`; {n} seed(s) {report['seeds']}; AUC in %, mean ± std over seeds; "
-        "Gain = points over BASE. Baselines' pCTCVR = pCVR x pCTR of the independent CTR network; "
-        "ESMM and ESMM-NS use their own pCTR."
+        "Gain = points over BASE. CTCVR as in the paper (section 4.2): every model's pCTCVR = its "
+        "pCVR x the pCTR of one independently trained CTR network (BASE's structure), ESMM and ESMM-NS "
+        "included; 'own pCTR x pCVR' is the model's own product (what a deployed ESMM serves)."
         + (" Entire space = all test impressions scored against the simulator's counterfactual "
            "`would_convert`; calibration = mean pCVR / observed rate there (1 is calibrated)."
            if report.get("entire_space") else ""),
