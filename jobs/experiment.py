@@ -15,7 +15,7 @@ if __package__ in (None, ""):
 
 from jobs.common import Parser, run_main  # noqa: E402
 
-DEFAULT_MODELS = "base,aman,oversampling,unbias,division,esmm-ns,esmm"
+DEFAULT_MODELS = "base,aman,oversampling,unbias,division,esmm-ns,esmm,escm2-ips,escm2-dr,dcmt"
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from train.baselines import MODELS, build_model
+from train.baselines import MODELS, NEEDS_CTR_MODEL, build_model
 from train.data import arrow_to_batch, table_to_columns
 from train.embedding import EmbeddingCollection, FieldConfig
 from train.jagged import Batch, KeyedJagged, take_rows
@@ -113,7 +113,7 @@ def test_every_model_trains_one_step(embedding):
     ctr = build_model("ctr", FIELDS, cfg)
     for name in MODELS:
         m = build_model(name, FIELDS, cfg)
-        if name == "unbias":
+        if name in NEEDS_CTR_MODEL:
             m.set_ctr_model(ctr)
         opts = m.make_optimizers()
         loss = m.loss(m.train_view(batch, torch.Generator().manual_seed(0)))
@@ -163,14 +163,14 @@ def test_oversampling_replicates_positives_k_times():
     assert view.conversion.tolist() == [1, 1, 1, 0, 1, 1, 1] and view.click.tolist() == [1] * 7
 
 
-def test_unbias_weights_clicked_rows_by_clipped_inverse_pctr():
+def test_unbias_ips_weights_clicked_rows_by_clipped_inverse_pctr():
     torch.manual_seed(3)
     ctr = build_model("ctr", FIELDS, SMALL)
     with torch.no_grad():  # a CTR model with spread-out predictions
         ctr.dense.towers[0].net[-1].bias.fill_(-2.0)
         ctr.embeddings[0].weight.normal_(0, 2.0)
     batch = make_batch([1, 0, 1, 1, 1, 0, 1, 1], [0, 0, 1, 0, 0, 0, 1, 0])
-    m = build_model("unbias", FIELDS, EsmmConfig(dim=4, hidden=(8, 4), unbias_clip=8.5, embedding="plain"))
+    m = build_model("unbias-ips", FIELDS, EsmmConfig(dim=4, hidden=(8, 4), unbias_clip=8.5, embedding="plain"))
     m.set_ctr_model(ctr)
     view = m.train_view(batch)
     clicked = torch.tensor([0, 2, 3, 4, 6, 7])
@@ -183,6 +183,33 @@ def test_unbias_weights_clicked_rows_by_clipped_inverse_pctr():
     logit = m(view.features)["cvr"]
     per = torch.nn.functional.binary_cross_entropy_with_logits(logit, view.conversion, reduction="none")
     torch.testing.assert_close(m.loss(view), (per * expected).sum() / expected.sum())
+
+
+def test_unbias_rejects_clicked_rows_with_pctr_as_the_probability():
+    """The paper's UNBIAS: a clicked row is kept (weight 1) iff its draw u >= pCTR; u is a
+    hash of the row's ids (same ids, same u, in any order), uniform over rows."""
+    from train.baselines import row_uniform
+
+    torch.manual_seed(3)
+    ctr = build_model("ctr", FIELDS, SMALL)
+    with torch.no_grad():
+        ctr.dense.towers[0].net[-1].bias.fill_(-1.0)
+        ctr.embeddings[0].weight.normal_(0, 2.0)
+    n = 4000
+    click = [1] * n
+    batch = make_batch(click, [0] * n, seed=5)
+    m = build_model("unbias", FIELDS, SMALL)
+    m.set_ctr_model(ctr)
+    view = m.train_view(batch)
+    p = ctr.predict(batch.features)["p_ctr"]
+    u = row_uniform(batch.features)
+    assert view.size == n and torch.equal(view.weight, (u >= p).float())
+    # u depends on the row's ids alone: reversed rows get reversed draws
+    rev = torch.arange(n - 1, -1, -1)
+    assert torch.equal(row_uniform(take_rows(batch.features, rev)), u[rev])
+    # kept fraction = mean(1 - pCTR) (rows are distinct enough for u to be uniform)
+    assert float(view.weight.mean()) == pytest.approx(float((1 - p).mean()), abs=0.03)
+    assert 0.2 < float(p.mean()) < 0.8  # the test exercises real rejection
 
 
 def test_division_two_networks_and_clamped_ratio():

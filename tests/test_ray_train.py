@@ -96,6 +96,19 @@ def test_killed_worker_restarts_from_checkpoint(uninterrupted, ray_start_2_cpus,
     assert metrics["ctcvr_auc"] == pytest.approx(ref["ctcvr_auc"], abs=1e-3)
 
 
+def test_resume_with_another_worker_count_is_refused(uninterrupted, tiny_data, tmp_path):
+    """2 -> 1 workers: each worker's data position and shuffle are its own, so the run is
+    refused with one clear line before anything starts (no rows skipped or repeated)."""
+    from train.errors import InputError
+
+    out, _ = uninterrupted
+    model_cfg, train_cfg = resolve(None, SETS, epochs=EPOCHS, batch_size=BATCH, seed=0)
+    ray_cfg = RayConfig(num_workers=1, resume=True, storage_path=str(out / "ray"))
+    with pytest.raises(InputError, match=r"saved by 2 workers; resuming it with --workers 1"):
+        run_training(str(tiny_data), str(tmp_path / "m"), "esmm", model_cfg, train_cfg, ray_cfg)
+    assert not (tmp_path / "m" / "model.pt").exists()
+
+
 def test_one_worker_trains_like_one_process(ray_start_2_cpus, tiny_data, tmp_path):
     """The same rows, validation rows, shuffles, init and steps as `esmm train`."""
     from train.local import train_on_data

@@ -1,4 +1,5 @@
-"""The paper's Table 2 baselines, each a first-class model name in ``MODELS``.
+"""The paper's Table 2 baselines, each a first-class model name in ``MODELS`` (with ESMM
+and the models after it, train/escm2.py and train/dcmt.py).
 
 Every baseline but DIVISION is one DNN (its own embedding dictionary + one tower of
 ESMM's shape) predicting pCVR; they differ only in what they train on, which is
@@ -8,7 +9,9 @@ exactly ``train_view(batch)``:
     base          clicked impressions only, label z
     aman          clicked + each unclicked one with prob aman_rate, as negatives (z=0)
     oversampling  clicked; converted ones appear oversample_k times
-    unbias        clicked, weighted by min(1/pCTR, unbias_clip), pCTR from the ctr model
+    unbias        the paper's: clicked, rejection-sampled with the ctr model's pCTR as the
+                  rejection probability (a row is kept when u >= pCTR)
+    unbias-ips    clicked, weighted by min(1/pCTR, unbias_clip) (inverse propensity)
     division      two networks on all impressions: CTR (y) and CTCVR (y*z);
                   pCVR = pCTCVR / pCTR clamped to [0, 1]
     esmm-ns       ESMM with one embedding dictionary per tower
@@ -23,10 +26,9 @@ from torch import nn
 
 from train.embedding import FieldConfig
 from train.jagged import Batch, KeyedJagged
-from train.model import (
-    ESMM, CtrCvrModel, EmbeddingFactory, EsmmConfig, Towers, bce_logits, default_embedding_factory,
-    weighted_mean,
-)
+from train.dcmt import DCMT
+from train.escm2 import Escm2DR, Escm2IPS
+from train.model import ESMM, CtrCvrModel, EmbeddingFactory, EsmmConfig, Towers, bce_logits, default_embedding_factory
 
 
 class SingleTask(CtrCvrModel):
@@ -54,12 +56,9 @@ class SingleTask(CtrCvrModel):
         (logit,) = self.dense(self.embeddings[0](kjt).flatten(1))
         return {"ctr" if self.label == "click" else "cvr": logit}
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        if batch.size == 0:  # e.g. a batch without clicks for BASE
-            return sum(p.sum() * 0.0 for p in self.dense_parameters())
+    def sample_losses(self, batch: Batch) -> torch.Tensor:
         (logit,) = self(batch.features).values()
-        target = batch.click if self.label == "click" else batch.conversion
-        return weighted_mean(bce_logits(logit, target), batch.weight)
+        return bce_logits(logit, batch.click if self.label == "click" else batch.conversion)
 
     @torch.no_grad()
     def predict(self, kjt: KeyedJagged) -> dict[str, torch.Tensor]:
@@ -100,9 +99,9 @@ class Oversampling(SingleTask):
         return torch.repeat_interleave(clicked, copies)
 
 
-class Unbias(SingleTask):
+class UnbiasIPS(SingleTask):
     """Clicked samples re-weighted by 1/pCTR of the independent CTR network (clipped)."""
-    name = "unbias"
+    name = "unbias-ips"
 
     def __init__(self, fields, cfg=None, embedding_factory=None, ctr_model: CtrCvrModel | None = None):
         super().__init__(fields, cfg, embedding_factory)
@@ -116,14 +115,47 @@ class Unbias(SingleTask):
         return clicked_rows(click)
 
     @torch.no_grad()
-    def row_weight(self, kjt):
+    def p_ctr(self, kjt) -> torch.Tensor:
         if self.ctr_model is None:
-            raise RuntimeError("unbias needs the independent ctr model (set_ctr_model)")
+            raise RuntimeError(f"{self.name} needs the independent ctr model (set_ctr_model)")
         was_training = self.ctr_model.training
         self.ctr_model.eval()
-        p_ctr = self.ctr_model.predict(kjt)["p_ctr"]
+        p = self.ctr_model.predict(kjt)["p_ctr"]
         self.ctr_model.train(was_training)
-        return (1.0 / p_ctr.clamp(min=1e-12)).clamp(max=self.cfg.unbias_clip)
+        return p
+
+    @torch.no_grad()
+    def row_weight(self, kjt):
+        return (1.0 / self.p_ctr(kjt).clamp(min=1e-12)).clamp(max=self.cfg.unbias_clip)
+
+
+def row_uniform(kjt: KeyedJagged, salt: int = 0) -> torch.Tensor:
+    """[B] a uniform(0, 1) draw per row that is a fixed function of the row's ids (a hash),
+    so the same row gets the same draw in every epoch, after a resume and on any number
+    of workers."""
+    B, nF = kjt.batch_size, len(kjt.keys)
+    lengths = kjt.lengths()
+    row = torch.arange(nF * B, device=lengths.device).remainder(B)
+    row_of_value = torch.repeat_interleave(row, lengths, output_size=kjt.values.numel())
+    field_of_value = torch.repeat_interleave(torch.arange(nF * B, device=lengths.device) // B, lengths,
+                                             output_size=kjt.values.numel())
+    h = (kjt.values.long() + 1) * 0x9E3779B1 + (field_of_value + 1) * 0x85EBCA77 + salt * 0xC2B2AE3D
+    h = (h ^ (h >> 15)) * 0x2C1B3C6D
+    acc = torch.zeros(B, dtype=torch.long, device=h.device).index_add_(0, row_of_value, h & 0x7FFFFFFF)
+    acc = (acc ^ (acc >> 13)) * 0x27D4EB2F
+    return (acc & 0xFFFFFF).double().div(float(1 << 24)).float()
+
+
+class Unbias(UnbiasIPS):
+    """The paper's UNBIAS: clicked samples rejection-sampled with pCTR as the rejection
+    probability. A row is kept (weight 1) when its draw u >= pCTR, else rejected (weight
+    0: it joins the batch but contributes nothing); u is a hash of the row's ids, so the
+    kept set is one fixed sample of the training data, as a one-off rejection sampling."""
+    name = "unbias"
+
+    @torch.no_grad()
+    def row_weight(self, kjt):
+        return (row_uniform(kjt) >= self.p_ctr(kjt)).float()
 
 
 class Division(CtrCvrModel):
@@ -142,10 +174,9 @@ class Division(CtrCvrModel):
         a, c = self.dense(self.embeddings[0](kjt).flatten(1), self.embeddings[1](kjt).flatten(1))
         return {"ctr": a, "ctcvr": c}
 
-    def loss(self, batch):
+    def sample_losses(self, batch):
         out = self(batch.features)
-        per = bce_logits(out["ctr"], batch.click) + bce_logits(out["ctcvr"], batch.click * batch.conversion)
-        return weighted_mean(per, batch.weight)
+        return bce_logits(out["ctr"], batch.click) + bce_logits(out["ctcvr"], batch.click * batch.conversion)
 
     @torch.no_grad()
     def predict(self, kjt):
@@ -165,12 +196,13 @@ class EsmmNS(ESMM):
 # name -> class; every class takes (fields, cfg, embedding_factory)
 MODELS: dict[str, Callable[..., CtrCvrModel]] = {
     "ctr": CTR, "base": Base, "aman": AMAN, "oversampling": Oversampling, "unbias": Unbias,
-    "division": Division, "esmm-ns": EsmmNS, "esmm": ESMM,
+    "unbias-ips": UnbiasIPS, "division": Division, "esmm-ns": EsmmNS, "esmm": ESMM,
+    "escm2-ips": Escm2IPS, "escm2-dr": Escm2DR, "dcmt": DCMT,
 }
 # the models with their own pCTR: a lone `esmm train` (no independent ctr model) scores
 # their CTCVR with it; `esmm experiment` uses the ctr model's pCTR for every model (the paper's)
 OWN_CTR = ("esmm", "esmm-ns", "ctr")
-NEEDS_CTR_MODEL = ("unbias",)
+NEEDS_CTR_MODEL = ("unbias", "unbias-ips")
 
 
 def build_model(name: str, fields: list[FieldConfig], cfg: EsmmConfig | None = None,

@@ -33,7 +33,11 @@ from train.loop import TrainConfig
 from train.model import EmbeddingFactory, EsmmConfig
 
 # the order of the paper's Table 2
-DEFAULT_MODELS = ["base", "aman", "oversampling", "unbias", "division", "esmm-ns", "esmm"]
+DEFAULT_MODELS = ["base", "aman", "oversampling", "unbias", "division", "esmm-ns", "esmm",
+                  "escm2-ips", "escm2-dr", "dcmt"]
+# the knobs the paper searched for two baselines: picked per run from these grids by the
+# clicked-row CVR AUC on the validation split (first seed), reported in report.json "picked"
+GRIDS = {"aman": ("aman_rate", (0.05, 0.1, 0.2)), "oversampling": ("oversample_k", (2, 5, 10))}
 # metrics summarised as mean/std over seeds (path into the metrics dict)
 SUMMARY = {
     "cvr_auc": ("cvr_auc",), "ctcvr_auc": ("ctcvr_auc",), "ctr_auc": ("ctr_auc",),
@@ -43,6 +47,7 @@ SUMMARY = {
     "entire_cvr_logloss": ("entire_cvr_logloss",),
     "cvr_calibration": ("cvr_calibration", "ratio"), "ctcvr_calibration": ("ctcvr_calibration", "ratio"),
     "entire_cvr_calibration": ("entire_cvr_calibration", "ratio"),
+    "entire_cvr_ece": ("entire_cvr_calibration", "ece"), "cvr_ece": ("cvr_calibration", "ece"),
 }
 # ESMM must beat BASE on these by more than the seeds' spread (the issue's acceptance)
 CHECKS = ("cvr_auc", "ctcvr_auc", "entire_cvr_auc")
@@ -109,6 +114,9 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
     if seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {seeds}")
     model_cfg, train_cfg = model_cfg or EsmmConfig(), train_cfg or TrainConfig()
+    if model_cfg.tower_precision != "fp32":  # Table 2 is an fp32 comparison, whatever the default
+        log(f"experiment: tower_precision {model_cfg.tower_precision!r} -> 'fp32' (Table 2 runs are fp32)")
+        model_cfg = replace(model_cfg, tower_precision="fp32")
     t_start = time.perf_counter()
     manifest = load_manifest(data_dir)
     fields = manifest_fields(manifest, model_cfg.pooling)
@@ -121,6 +129,13 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
         f"{len(fields)} fields, truth {'yes' if truth else 'no'}")
 
     per_seed: dict[str, list[dict]] = {m: [] for m in (["ctr"] + [m for m in models if m != "ctr"])}
+    cfgs = {name: model_cfg for name in per_seed}
+    picked = {}
+    if ray_cfg is None and val is not None and len(val):
+        picked = pick_knobs([m for m in models if m in GRIDS], train, val, model_cfg,
+                            replace(train_cfg, seed=first_seed), embedding_factory, progress, log)
+        for name, p in picked.items():
+            cfgs[name] = replace(model_cfg, **{p["knob"]: p["picked"]})
     training: dict[str, list[dict]] = {m: [] for m in per_seed}
     if ray_cfg is not None:
         from train.ray_trainer import ray_cluster
@@ -136,10 +151,10 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
             for name in per_seed:
                 t0 = time.perf_counter()
                 if ray_cfg is None:
-                    model, result = train_model(name, train, model_cfg, tc, val, ctr_model=ctr_model,
+                    model, result = train_model(name, train, cfgs[name], tc, val, ctr_model=ctr_model,
                                                 embedding_factory=embedding_factory, progress=progress)
                 else:
-                    model, result = _train_on_ray(data_dir, ray_root / f"seed-{tc.seed}", name, model_cfg, tc, ray_cfg)
+                    model, result = _train_on_ray(data_dir, ray_root / f"seed-{tc.seed}", name, cfgs[name], tc, ray_cfg)
                 preds = predict(model, test)
                 if name == "ctr":
                     ctr_model, ctr_preds = model, preds["p_ctr"]
@@ -158,7 +173,7 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
         "dataset": {split: {k: v for k, v in manifest["splits"][split].items() if k != "files"}
                     for split in ("train", "test") if split in manifest["splits"]},
         "entire_space": truth is not None, "workers": ray_cfg.num_workers if ray_cfg is not None else 0,
-        "summary": summary, "checks": checks(summary),
+        "summary": summary, "checks": checks(summary), "picked": picked,
         "per_seed": per_seed,
         "training": training, "elapsed_s": time.perf_counter() - t_start,
     }
@@ -167,6 +182,31 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
 
         write_report(report, out_dir)
     return report
+
+
+def pick_knobs(names: list[str], train, val, model_cfg: EsmmConfig, tc: TrainConfig,
+               embedding_factory=None, progress=None, log=print) -> dict:
+    """For each of ``names`` in GRIDS: train once per grid value (seed ``tc.seed``) and keep
+    the value with the best clicked-row CVR AUC on the validation split (the test split is
+    never looked at). Returns {name: {knob, picked, validation_cvr_auc: {value: auc}}}."""
+    from train import metrics
+
+    out = {}
+    clicked = val.click.numpy() > 0
+    z = val.conversion.numpy()[clicked]
+    for name in names:
+        knob, grid = GRIDS[name]
+        aucs = {}
+        for v in grid:
+            model, _ = train_model(name, train, replace(model_cfg, **{knob: v}), tc, val,
+                                   embedding_factory=embedding_factory, progress=progress)
+            aucs[v] = metrics.auc(z, predict(model, val)["p_cvr"][clicked])
+        finite = {v: a for v, a in aucs.items() if _finite(a)}
+        best = max(finite, key=finite.get) if finite else getattr(model_cfg, knob)
+        log(f"picked {name} {knob}={best} by validation CVR AUC "
+            + " ".join(f"{v}:{a:.4f}" for v, a in aucs.items()))
+        out[name] = {"knob": knob, "picked": best, "validation_cvr_auc": {str(v): a for v, a in aucs.items()}}
+    return out
 
 
 def _train_on_ray(data_dir: str, seed_dir: Path, name: str, model_cfg: EsmmConfig, tc: TrainConfig, ray_cfg):

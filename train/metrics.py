@@ -60,15 +60,28 @@ def reliability_curve(labels, probs, bins: int = 10) -> list[dict]:
     return out
 
 
+def ece(curve: list[dict]) -> float:
+    """Expected calibration error of a reliability curve: sum over bins of
+    n_b / N * |mean prediction_b - observed rate_b|. The bins are equal-count (by predicted
+    probability), so rare-event predictions are not all lumped into one fixed-width bin."""
+    n = sum(c["n"] for c in curve)
+    if n == 0:
+        return float("nan")
+    return float(sum(c["n"] * abs(c["pred"] - c["observed"]) for c in curve) / n)
+
+
 def calibration(labels, probs, bins: int = 10) -> dict:
-    """mean prediction, observed rate, their ratio (1 = calibrated on average) and the curve."""
+    """mean prediction, observed rate, their ratio (1 = calibrated on average), the
+    expected calibration error over ``bins`` equal-count bins (0 = calibrated in every
+    bin) and the curve."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     p = np.asarray(probs, dtype=np.float64).ravel()
     mean_pred = float(p.mean()) if p.size else float("nan")
     rate = float(y.mean()) if y.size else float("nan")
+    curve = reliability_curve(y, p, bins)
     return {"mean_pred": mean_pred, "observed": rate,
             "ratio": mean_pred / rate if rate > 0 else float("nan"),
-            "curve": reliability_curve(y, p, bins)}
+            "ece": ece(curve), "curve": curve}
 
 
 def jsonable(obj):

@@ -87,12 +87,14 @@ def lockstep(it, device, world: int, fill=None):
 
 
 def blank_row(fields) -> Batch:
-    """One row of id 0 (out of vocabulary) in every field, weight 0: a step that joins the
-    all-to-alls and DDP's all-reduce and changes nothing (zero gradients)."""
+    """One row with NO ids (every bag empty), weight 0: it joins the step's all-to-alls
+    and DDP's all-reduce, but looks up no embedding row, so no row and no row's optimizer
+    state can move (a row of id 0 would: lazy Adam updates every row a step touches),
+    and its weight 0 keeps it out of the global mean (train.ray_worker.GlobalMeanLoss)."""
     from train.data import FieldColumn, collate
 
-    one = lambda: FieldColumn(torch.zeros(1, dtype=torch.long), torch.tensor([0, 1]), None)  # noqa: E731
-    b = collate([one() for _ in fields], [f.name for f in fields], torch.zeros(1), torch.zeros(1))
+    empty = lambda: FieldColumn(torch.zeros(0, dtype=torch.long), torch.zeros(2, dtype=torch.long), None)  # noqa: E731
+    b = collate([empty() for _ in fields], [f.name for f in fields], torch.zeros(1), torch.zeros(1))
     b.weight = torch.zeros(1)
     return b
 

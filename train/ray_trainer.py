@@ -126,6 +126,18 @@ def storage_dir(out: Path, ray_cfg: RayConfig) -> Path:
     return storage
 
 
+def check_resume_world(run_dir: Path, num_workers: int) -> None:
+    """Refuse to resume a run saved by another number of workers: each worker's data
+    position counts its own batches of ``batch_size // W`` rows over its own part of the
+    data, shuffled by its rank, so another W would skip or repeat rows."""
+    for dense in sorted(run_dir.glob("**/" + DENSE_FILE)):
+        saved = torch.load(dense, map_location="cpu", weights_only=True).get("world")
+        if saved is not None and saved != num_workers:
+            raise InputError(f"{dense.parent}: checkpoint saved by {saved} workers; resuming it with "
+                             f"--workers {num_workers} would skip or repeat rows (each worker's data position "
+                             f"and shuffle are its own): resume with --workers {saved}, or start fresh without --resume")
+
+
 def worker_config(name: str, manifest: dict, fields, model_cfg: EsmmConfig, train_cfg: TrainConfig,
                   ray_cfg: RayConfig, ctr_model_dir: str | None) -> dict:
     """The ``config`` dict every ``train_loop_per_worker`` gets (JSON values only)."""
@@ -178,7 +190,7 @@ def load_final_model(checkpoint_dir: str, name: str, fields, model_cfg: EsmmConf
     from train.baselines import build_model
 
     rows, _ = load_shard(checkpoint_dir, 0, 1)  # the whole table: re-sharded to one process
-    state = merge_state(rows, torch.load(Path(checkpoint_dir) / DENSE_FILE, map_location="cpu", weights_only=False))
+    state = merge_state(rows, torch.load(Path(checkpoint_dir) / DENSE_FILE, map_location="cpu", weights_only=True))
     model = build_model(name, fields, model_cfg)
     model.load_state_dict(state["model"])
     model.eval()
@@ -203,6 +215,8 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = storage_dir(out, ray_cfg)
+    if ray_cfg.resume and (storage / ray_cfg.name).exists():
+        check_resume_world(storage / ray_cfg.name, ray_cfg.num_workers)
     config = worker_config(name, manifest, fields, model_cfg, train_cfg, ray_cfg, ctr_model_dir)
     with ray_cluster(address):
         res = fit_on_ray(config, ray_cfg, storage, datasets(data_dir, manifest, fields, train_cfg.val_fraction))

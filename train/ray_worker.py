@@ -13,6 +13,10 @@ if there is one, loop, ``ray.train.report`` from every rank. Here:
   optimizer, data position = epoch + batches consumed, early-stopping state, config);
 - restarts resume from the latest checkpoint at the step it recorded.
 
+The step's loss is ``GlobalMeanLoss``: the mean over every rank's real rows (blank
+padding rows weigh 0), whatever the split, and the reported train_loss is that same
+mean over the epoch (``LossTally``), so 2 workers report what one process would.
+
 At the end every rank reports the final (best-epoch) model with the fit result.
 """
 from __future__ import annotations
@@ -33,6 +37,52 @@ from train.ray_data import memory_source, stream_source
 from train.shard.checkpoint import load_shard, merge_state, plain_keys, save_shard, split_state, wrapped_keys
 
 DENSE_FILE = "dense.pt"
+RNG_FILE = "rng-rank={rank}.pt"  # each rank's global torch RNG state (dropout), beside its rows
+
+
+class LossTally:
+    """sum(w * loss) and sum(w) of this rank's real rows since the epoch began."""
+
+    def __init__(self):
+        self.sums = torch.zeros(2, dtype=torch.float64)
+
+    def add(self, weighted_sum: torch.Tensor, weight_sum: torch.Tensor) -> None:
+        self.sums += torch.stack([weighted_sum.detach().double().cpu(), weight_sum.detach().double().cpu()])
+
+    def global_sums(self, device, world: int) -> torch.Tensor:
+        s = self.sums.to(device)
+        if world > 1:
+            dist.all_reduce(s)
+        return s.cpu()
+
+
+class GlobalMeanLoss:
+    """``model.loss_mean`` on Ray: rank r's loss = W * sum_r(w l) / sum_all(w).
+
+    DDP averages the dense gradients over the W ranks and the sharded embedding averages
+    row gradients the same way (train/shard/collection.py: grad_dist), so the step's
+    gradient is that of sum_all(w l) / sum_all(w): the mean over every rank's real rows,
+    exactly the one-process gradient of the same rows, however unevenly they are split
+    (a rank with a blank row contributes 0 and is not counted). One 1-float all-reduce per
+    step. A step with no real row on any rank returns a constant: no forward, no lookup,
+    no gradient, so no optimizer moves anything (torch's Adam skips parameters without a
+    gradient, the row-wise optimizers rows without one)."""
+
+    def __init__(self, world: int, device, tally: LossTally | None = None):
+        self.world, self.device, self.tally = world, device, tally
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        w = batch.weight if batch.weight is not None else torch.ones(batch.size, device=batch.click.device)
+        total = w.sum().double().reshape(1).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        total = float(total)
+        if total <= 0:
+            return torch.zeros((), device=batch.click.device, requires_grad=True)
+        weighted = (model.sample_losses(batch) * w).sum()
+        if self.tally is not None and model.training:
+            self.tally.add(weighted, w.sum())
+        return weighted * (self.world / total)
 
 
 def build_worker_model(config: dict, group, device, bias_from_counts: bool):
@@ -83,7 +133,12 @@ def _init_bias_from_counts(model, counts: dict, seed: int) -> None:
 def restore_state(model, directory: str, rank: int, world: int) -> dict:
     """This rank's training state from a checkpoint dir (its rows re-sharded to ``world``)."""
     rows, _ = load_shard(directory, rank, world)
-    rest = torch.load(Path(directory) / DENSE_FILE, map_location="cpu", weights_only=False)
+    rest = torch.load(Path(directory) / DENSE_FILE, map_location="cpu", weights_only=True)
+    if rest.get("world") != world:  # the driver refuses this first (check_resume_world)
+        raise RuntimeError(f"checkpoint saved by {rest.get('world')} workers, this run has {world}")
+    rng = Path(directory) / RNG_FILE.format(rank=rank)
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
     state = merge_state(rows, rest)
     for key in ("model", "best_model"):
         if state.get(key) is not None:
@@ -101,6 +156,7 @@ def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, 
             rest[key] = plain_keys(model, rest[key])
     with tempfile.TemporaryDirectory(prefix="esmm-ckpt-") as d:
         save_shard(d, rank, world, rows, counts, meta={"epoch": state.get("epoch"), "step": state.get("step")})
+        torch.save({"cpu": torch.get_rng_state()}, Path(d) / RNG_FILE.format(rank=rank))
         if rank == 0:
             torch.save({**rest, **extra, "world": world}, Path(d) / DENSE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -133,9 +189,9 @@ def _val_loss_fn(val_batches, device, world: int):
         with torch.no_grad():
             for v in val_batches():
                 v = to_device(v, device)
-                w = float(v.weight.sum()) if v.weight is not None else float(v.size)
-                total[0] += float(m.loss(v)) * w
-                total[1] += w
+                w = v.weight if v.weight is not None else torch.ones(v.size, device=device)
+                total[0] += float((m.sample_losses(v) * w).sum())  # blank rows weigh 0
+                total[1] += float(w.sum())
         m.train(was)
         if world > 1:
             dist.all_reduce(total)
@@ -180,11 +236,16 @@ def train_loop_per_worker(config: dict) -> None:
         bf16_towers(model.dense, "cuda")
     if world > 1:
         model.dense = DDP(model.dense, device_ids=[device.index] if use_gpu else None)
+    tally = LossTally()
+    model.loss_mean = GlobalMeanLoss(world, device, tally)
 
     start_state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_state = restore_state(model, d, rank, world)
+        # the epoch's loss so far (all ranks', summed when saved): rank 0 carries it on
+        tally.sums = torch.tensor(start_state.get("loss_tally") or [0.0, 0.0], dtype=torch.float64) \
+            if rank == 0 else torch.zeros(2, dtype=torch.float64)
         if rank == 0:
             print(f"[esmm] resuming at epoch {start_state['epoch']} step {start_state['step']} "
                   f"(global step {start_state['global_step']}, saved by {start_state.get('world')} workers)", flush=True)
@@ -198,6 +259,17 @@ def train_loop_per_worker(config: dict) -> None:
     extra = {"config": {k: config[k] for k in ("model", "model_cfg", "train_cfg", "fields")}}
 
     def checkpoint_cb(state: dict) -> None:
+        sums = tally.global_sums(device, world)  # a collective: every rank is here
+        if state["step"] == 0 and state["history"] and not state["history"][-1].get("global_mean"):
+            # an epoch just ended: its train_loss is the mean over every rank's real rows
+            # (fit's own figure is this rank's, padding included); fit's history entry is
+            # this same dict, so the result carries it too
+            state["history"][-1].update(train_loss=float(sums[0] / sums[1]) if sums[1] > 0 else float("nan"),
+                                        samples=int(sums[1]) if sums[1] == int(sums[1]) else float(sums[1]),
+                                        global_mean=True)
+            tally.sums.zero_()
+            sums = torch.zeros(2, dtype=torch.float64)
+        state = {**state, "loss_tally": sums.tolist()}
         metrics = {"epoch": state["epoch"], "step": state["step"], "global_step": state["global_step"]}
         if state["history"]:
             metrics["train_loss"] = state["history"][-1]["train_loss"]
@@ -206,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and state["step"] == 0 and state["history"]:
             h = state["history"][-1]
             print(f"[esmm] epoch {h['epoch'] + 1}: train loss {h['train_loss']:.5f} val loss {h['val_loss']:.5f} "
-                  f"({h['samples'] * world} samples, {h['seconds']:.1f} s)", flush=True)
+                  f"({h['samples']} samples, {h['seconds']:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
     eval_fn = _val_loss_fn(val_batches, device, world) if config["has_val"] else None

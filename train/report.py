@@ -8,7 +8,8 @@ from pathlib import Path
 from train.metrics import jsonable
 
 NAMES = {"base": "BASE", "aman": "AMAN", "oversampling": "OVERSAMPLING", "unbias": "UNBIAS",
-         "division": "DIVISION", "esmm-ns": "ESMM-NS", "esmm": "ESMM", "ctr": "CTR (independent)"}
+         "unbias-ips": "UNBIAS-IPS", "division": "DIVISION", "esmm-ns": "ESMM-NS", "esmm": "ESMM",
+         "escm2-ips": "ESCM²-IPS", "escm2-dr": "ESCM²-DR", "dcmt": "DCMT", "ctr": "CTR (independent)"}
 # ctcvr_auc: every model's pCVR x the independent CTR network's pCTR (the paper's CTCVR
 # task); own_ctcvr_auc: the model's own pCTR x pCVR (what a deployed ESMM serves)
 COLUMNS = [("cvr_auc", "CVR AUC (clicked)"), ("ctcvr_auc", "CTCVR AUC (all)"),
@@ -31,16 +32,19 @@ def table2(report: dict) -> str:
     """Markdown: per model mean ± std (AUC in %) and the gain over BASE in points."""
     summary = report["summary"]
     cols = [c for c in COLUMNS if any(c[0] in s for s in summary.values())]
-    head = "| Model | " + " | ".join(f"{title} | Gain" for _, title in cols) + " | pCVR calib. (entire) |"
-    sep = "|---|" + "---:|---:|" * len(cols) + "---:|"
+    head = ("| Model | " + " | ".join(f"{title} | Gain" for _, title in cols)
+            + " | pCVR calib. ratio (entire) | pCVR ECE (entire) |")
+    sep = "|---|" + "---:|---:|" * len(cols) + "---:|---:|"
     rows = [head, sep]
     base = summary.get("base", {})
     for name in report["models"]:
         s = summary.get(name, {})
         cal = s.get("entire_cvr_calibration") or s.get("cvr_calibration")
-        cal_txt = f"{cal['mean']:.2f}" if cal and math.isfinite(cal["mean"]) else "-"
+        cal_txt = f"{cal['mean']:.2f} ± {cal['std']:.2f}" if cal and math.isfinite(cal["mean"]) else "-"
+        e = s.get("entire_cvr_ece") or s.get("cvr_ece")
+        ece_txt = f"{e['mean']:.4f} ± {e['std']:.4f}" if e and math.isfinite(e["mean"]) else "-"
         cells = " | ".join(f"{_pm(s.get(k))} | {_gain(s.get(k), base.get(k))}" for k, _ in cols)
-        rows.append(f"| {NAMES.get(name, name)} | {cells} | {cal_txt} |")
+        rows.append(f"| {NAMES.get(name, name)} | {cells} | {cal_txt} | {ece_txt} |")
     return "\n".join(rows)
 
 
@@ -77,7 +81,14 @@ def markdown(report: dict) -> str:
             lines.append(f"- {metric}: {100 * c['esmm_minus_base']:+.2f} points, spread {100 * c['spread']:.2f}: "
                          f"ESMM {verdict} BASE")
         lines.append("")
-    lines += [f"Elapsed {report.get('elapsed_s', 0):.0f} s. Plots: `auc.png`, `calibration.png`.", ""]
+    for name, p in (report.get("picked") or {}).items():
+        grid = ", ".join(f"{v}: {100 * a:.2f}" if a is not None and math.isfinite(a) else f"{v}: -"
+                         for v, a in p["validation_cvr_auc"].items())
+        lines.append(f"{NAMES.get(name, name)}: {p['knob']} = {p['picked']} picked by validation CVR AUC ({grid}).")
+    if report.get("picked"):
+        lines.append("")
+    lines += [f"Elapsed {report.get('elapsed_s', 0):.0f} s. Plots: `auc.png`, `calibration.png`, "
+              "`reliability-MODEL.png` (one per model).", ""]
     return "\n".join(lines)
 
 
@@ -143,6 +154,38 @@ def plot_calibration(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_reliability(report: dict, name: str, path: Path) -> None:
+    """One model's reliability curves (first seed): pCVR on clicked rows, pCVR on the
+    entire space (simulated data), pCTCVR; each panel titled with its ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = (report["per_seed"].get(name) or [{}])[0]
+    panels = [(k, t) for k, t in (("cvr_calibration", "pCVR, clicked"),
+                                  ("entire_cvr_calibration", "pCVR, entire space (would_convert)"),
+                                  ("ctcvr_calibration", "pCTCVR (paper's)")) if (run.get(k) or {}).get("curve")]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        c = run[key]
+        x, y = [b["pred"] for b in c["curve"]], [b["observed"] for b in c["curve"]]
+        top = max(max(x), max(y)) or 1.0
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.plot(x, y, "o-", ms=3)
+        ece = c.get("ece")
+        ax.set_title(f"{title}\nECE {ece:.4f}, ratio {c['ratio']:.2f}" if ece is not None and c.get("ratio")
+                     else title, fontsize=8)
+        ax.set_xlabel("mean prediction (equal-count bins)", fontsize=8)
+        ax.set_ylabel("observed rate", fontsize=8)
+    fig.suptitle(f"{NAMES.get(name, name)}: reliability, seed {report['seeds'][0]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(report: dict, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,3 +193,5 @@ def write_report(report: dict, out_dir: str) -> None:
     (out / "report.md").write_text(markdown(report))
     plot_auc(report, out / "auc.png")
     plot_calibration(report, out / "calibration.png")
+    for name in report["models"]:
+        plot_reliability(report, name, out / f"reliability-{name}.png")
