@@ -121,3 +121,25 @@ def test_day1_model_scores_day2_test_split(days):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=0, atol=1e-7)
     m = evaluate_dir(model, str(days["d2"]), "test", None, m2)  # `esmm evaluate` takes the same path
     assert m["split"] == "test"
+
+
+def test_warm_start_begins_day2_lower_than_cold_on_two_ray_workers(days, ray_start_2_cpus):
+    """Same on 2 Ray workers (rows re-sharded from the 1-process day-1 model); the run's
+    bundle is written from the 2 workers' shard files one at a time and equals model.pt."""
+    from jobs.train import main as train_main
+    from train.bundle import load_bundle
+
+    ray = ["--workers", "2", "--address", ray_start_2_cpus["address"], "--cpus-per-worker", "0.5"]
+    steps = ["--epochs", "1", "--set", "max_steps=4", "--batch-size", "256"]
+    cold, warm = days["root"] / "cold2", days["root"] / "warm2"
+    assert train_main(["--data", str(days["d2"]), "--out", str(cold), *ray, *steps, *TINY]) == 0
+    assert train_main(["--data", str(days["d2"]), "--out", str(warm), "--init-from", str(days["m1"]),
+                       *ray, *steps, *TINY]) == 0
+    lc, lw = first_epoch_loss(cold), first_epoch_loss(warm)
+    assert lw < lc, (lw, lc)
+    model, b = load_bundle(warm)
+    assert [t["world"] for t in b.meta["weights"]["tables"].values()] == [2]
+    assert len(list(warm.glob("emb-0.rank=*-of-2.safetensors"))) == 2
+    sd = torch.load(warm / "model.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k

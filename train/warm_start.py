@@ -86,3 +86,24 @@ def init_from(model, bundle_path: str | os.PathLike) -> dict:
             copied += sel.numel()
         new += int((old < 0).sum())
     return {"parent": str(b.path), "model_version": b.model_version, "rows_copied": copied, "rows_new": new}
+
+
+# ---------------------------------------------------------------- the Ray side (train/ray_trainer.py, ray_worker.py)
+
+def warm_start_source(init_from: str | None, name: str, fields) -> str | None:
+    """Driver: check ``--init-from`` before any worker starts; its absolute path for the workers."""
+    if not init_from:
+        return None
+    b = read_bundle(init_from)
+    if b.meta["model"] != name:
+        raise InputError(f"--init-from {init_from}: a {b.meta['model']!r} model, training {name!r}")
+    check_fields(b.fields, fields)
+    return str(b.path)
+
+
+def warm_start_worker(model, config: dict, fresh: bool) -> dict | None:
+    """Worker, once after building its model (before DDP): its rows and the dense weights
+    from ``config["init_from"]``; nothing on a restart (the checkpoint has them)."""
+    if not config.get("init_from") or not fresh:
+        return None
+    return init_from(model, config["init_from"])
