@@ -76,11 +76,10 @@ def score_ray(bundle: str, in_dir: str, out_dir: str, workers: int, address: str
 
     with ray_cluster(address):
         ds = ray.data.read_parquet(input_files(in_dir))
-        scored = ds.map_batches(ScoreActor, fn_constructor_args=(bundle, batch_size,
-                                                                 "cuda" if gpus_per_worker > 0 else "cpu"),
+        gpu = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {}
+        scored = ds.map_batches(ScoreActor, fn_constructor_args=(bundle, batch_size, "cuda" if gpu else "cpu"),
                                 batch_format="pyarrow", batch_size=batch_size,
-                                compute=ActorPoolStrategy(size=workers),
-                                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
+                                compute=ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, **gpu)
         scored.write_parquet(str(out_dir))
     return sum(pq.ParquetFile(f).metadata.num_rows for f in Path(out_dir).glob("*.parquet"))
 
