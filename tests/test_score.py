@@ -26,8 +26,9 @@ def crafted(served, tmp_path_factory):  # noqa: F811
     logs = tmp_path_factory.mktemp("crafted") / "logs"
     out = logs / "impressions" / f"dt={DAY}"
     out.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(t, schema=pq.read_schema(src)), out / "part-00000.parquet")
-    valid = [r for i, r in enumerate(t) if i not in (3, 7)]
+    schema = pq.read_schema(src)
+    pq.write_table(pa.Table.from_pylist(t, schema=schema), out / "part-00000.parquet")
+    valid = pa.Table.from_pylist([r for i, r in enumerate(t) if i not in (3, 7)], schema=schema)
     return {"logs": str(logs), "valid": valid}
 
 
@@ -47,7 +48,7 @@ def test_score_one_row_per_valid_impression_and_rejects_counted(spark, served, c
     assert json.loads((out / "score.json").read_text())["scored"] == 10
     got = read_scores(out)
     assert got.column_names == ["impression_id", "p_ctr", "p_cvr", "p_ctcvr", "model_version"]
-    valid = pa.Table.from_pylist(crafted["valid"]).sort_by("impression_id")
+    valid = crafted["valid"].sort_by("impression_id")
     assert got.column("impression_id").to_pylist() == valid.column("impression_id").to_pylist()
     s = Scorer(served["bundle"])
     assert set(got.column("model_version").to_pylist()) == {s.model_version}
