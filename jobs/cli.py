@@ -15,6 +15,8 @@ JOBS = {
     "experiment": ("jobs.experiment", "the paper's protocol: all models x seeds -> report"),
     "demo": ("jobs.demo", "synth -> etl -> experiment on the embedded default"),
     "cluster": ("jobs.cluster", "start/stop a local Ray cluster on 127.0.0.1"),
+    "export": ("jobs.export", "copy a trained model into a self-contained bundle (safetensors + vocabularies)"),
+    "score": ("jobs.score", "score every impression of a day from the raw logs with a model bundle"),
     "publish": ("jobs.publish", "gate a model against production, swap the production pointer"),
 }
 

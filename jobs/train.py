@@ -1,6 +1,7 @@
 """``esmm train --data DATA --out MODEL --model NAME [...]``: train one model, write MODEL/.
 
-MODEL/ gets model.pt, config.json (model name, fields, resolved configs) and
+MODEL/ gets model.pt, config.json (model name, fields, resolved configs), the bundle
+(bundle.json, weights.safetensors, emb-*.safetensors, vocab/: train/bundle.py) and
 metrics.json (CTR AUC on all test impressions, CVR AUC on the clicked ones, CTCVR AUC
 on all, log losses, calibration; entire-space CVR metrics on simulated data).
 Also ``python -m jobs.train ...`` (e.g. under ``ray job submit``).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: python jobs/train.py
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON/YAML file of config keys (EsmmConfig / TrainConfig fields)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
     p.add_argument("--ctr-model", help="MODEL dir of an independent `ctr` model: UNBIAS weights and baselines' pCTCVR")
+    p.add_argument("--init-from", metavar="MODEL", help="warm start from this model bundle (an earlier `esmm train` "
+                   "MODEL or `esmm export` BUNDLE): its dense weights and the rows of every id it knows; new ids "
+                   "start fresh, optimizer state starts fresh (the data's vocabularies must extend the model's: "
+                   "esmm etl --vocab-from MODEL)")
     p.add_argument("--resume", action="store_true", help="continue from MODEL/checkpoint.pt of an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # distributed training (helper "ray" adds the dispatch): --workers W --address A --gpus-per-worker G
@@ -63,10 +69,14 @@ def _main(argv) -> int:
 
         metrics = train_on_data(args.data, args.out, args.model, args.config, args.set,
                                 progress=False if args.no_progress else None, ctr_model_dir=args.ctr_model,
-                                resume=args.resume, **overrides)
+                                resume=args.resume, init_from=args.init_from, **overrides)
+    from train.bundle import write_bundle
+
+    parent = str(Path(args.init_from).resolve()) if args.init_from else None
+    meta = write_bundle(args.out, parent_model=parent)  # MODEL/ is also the self-contained bundle (bundle.json, safetensors, vocab/)
     keys = ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc", "ctr_logloss", "cvr_logloss", "ctcvr_logloss")
     shown = {k: round(metrics[k], 4) for k in keys if isinstance(metrics.get(k), float)}
-    print(f"esmm train: {args.model} -> {args.out}: {json.dumps(shown)}")
+    print(f"esmm train: {args.model} -> {args.out} (model_version {meta['model_version']}): {json.dumps(shown)}")
     return 0
 
 

@@ -14,7 +14,9 @@ or, with the splits already in memory (what ``esmm experiment`` does)::
     model, result = train_model("esmm", train, EsmmConfig(), TrainConfig(epochs=1))
 
 A MODEL dir holds ``model.pt`` (state dict), ``config.json`` (model name, fields and the
-resolved configs) and ``metrics.json``; ``load_model(MODEL)`` rebuilds it.
+resolved configs) and ``metrics.json``; ``load_model(MODEL)`` rebuilds it. ``esmm train``
+also makes MODEL a self-contained bundle (train/bundle.py: safetensors weights, the
+vocabularies, the field spec, lineage), which ``--init-from`` and the Scorer read.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def dataset_view(model, cols: Columns, seed: int, epoch: int, batch_size: int = 
 def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
                 train_cfg: TrainConfig | None = None, val: Columns | None = None,
                 ctr_model=None, embedding_factory: EmbeddingFactory | None = None,
-                checkpoint_path: str | None = None, resume: bool = False, progress: bool | None = None):
+                checkpoint_path: str | None = None, resume: bool = False, progress: bool | None = None,
+                init_from: str | None = None):
     """Build model ``name`` and fit it on ``train`` (early stopping on ``val``).
 
     Args:
@@ -64,6 +67,7 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
         ctr_model: the independent CTR model (UNBIAS's 1/pCTR weights).
         checkpoint_path (str | None): where to write the training state at every epoch end.
         resume (bool): continue from ``checkpoint_path`` when it exists.
+        init_from (str | None): a model bundle to warm-start from (train/warm_start.py).
 
     Returns:
         (model, fit result dict).
@@ -84,6 +88,11 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
             ctr_model, _ = train_model("ctr", train, model_cfg, train_cfg, val, None, embedding_factory,
                                        progress=progress)
         model.set_ctr_model(ctr_model)
+    warm = None
+    if init_from:
+        from train.warm_start import init_from as warm_start
+
+        warm = warm_start(model, init_from)
     views: dict[int, Columns] = {}
 
     def train_batches(epoch: int, start_step: int):
@@ -108,7 +117,7 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
             os.replace(tmp, checkpoint_path)  # a crash leaves the previous checkpoint whole
     # the bar's total is known once epoch 0's view exists
     first = train_batches(start_state["epoch"] if start_state else 0, 0)
-    if model_cfg.init_bias and start_state is None:
+    if model_cfg.init_bias and start_state is None and warm is None:  # a warm start keeps its biases
         v = next(iter(views.values()))
         model.init_output_bias(v.click, v.conversion, v.weight)
     del first
@@ -116,6 +125,8 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
                  progress=progress, steps_per_epoch=steps(start_state["epoch"] if start_state else 0),
                  apply_view=False)
     result.pop("optimizers", None)
+    if warm is not None:
+        result["init_from"] = warm
     model.eval()
     return model, result
 
@@ -146,10 +157,34 @@ def load_model(model_dir: str | os.PathLike, embedding_factory: EmbeddingFactory
 
 
 def check_fields(model_fields: list[FieldConfig], data_fields: list[FieldConfig], where: str) -> None:
-    a = [(f.name, f.vocab_size) for f in model_fields]
-    b = [(f.name, f.vocab_size) for f in data_fields]
-    if a != b:
-        raise InputError(f"{where}: the data's fields (name, vocab_size) differ from the model's: {b} vs {a}")
+    """The data's fields are the model's, each vocabulary the same or grown from it (ids
+    beyond the model's table then count as out of vocabulary: :func:`as_model_ids`)."""
+    a = [(f.name, f.kind) for f in model_fields]
+    b = [(f.name, f.kind) for f in data_fields]
+    grown_ok = all(d.vocab_size >= m.vocab_size for m, d in zip(model_fields, data_fields))
+    if a != b or not grown_ok:
+        raise InputError(f"{where}: the data's fields (name, kind, vocab_size) differ from the model's: "
+                         f"{[(f.name, f.kind, f.vocab_size) for f in data_fields]} vs "
+                         f"{[(f.name, f.kind, f.vocab_size) for f in model_fields]}")
+
+
+def as_model_ids(cols: Columns, model_fields: list[FieldConfig]) -> Columns:
+    """``cols`` with every id beyond the model's table set to 0 (out of vocabulary): how
+    yesterday's model reads today's shards, whose vocabularies grew after its own."""
+    out = []
+    for c, f in zip(cols.columns, model_fields):
+        v = c.values
+        if v.numel() and int(v.max()) >= f.vocab_size:
+            v = torch.where(v < f.vocab_size, v, torch.zeros_like(v))
+        out.append(type(c)(v, c.offsets, c.weights))
+    return Columns(list(model_fields), out, cols.click, cols.conversion, cols.sample_id, cols.weight)
+
+
+def load_split_for(model, data_dir: str, split: str, manifest: dict) -> Columns:
+    """DATA's ``split`` as ``model`` reads it: the data's ids, new ones mapped to 0."""
+    data_fields = manifest_fields(manifest, model.cfg.pooling)
+    check_fields(model.fields, data_fields, f"{data_dir}/manifest.json")
+    return as_model_ids(load_split(data_dir, split, data_fields, manifest), model.fields)
 
 
 # ---------------------------------------------------------------- the `esmm train` / `esmm evaluate` bodies
@@ -158,7 +193,7 @@ def evaluate_dir(model, data_dir: str, split: str = "test", ctr_model=None, mani
                  cols: Columns | None = None) -> dict:
     """metrics.json content for ``model`` on DATA's ``split`` (with entire-space truth if any)."""
     manifest = manifest or load_manifest(data_dir)
-    cols = cols or load_split(data_dir, split, model.fields, manifest)
+    cols = cols or load_split_for(model, data_dir, split, manifest)
     preds = predict(model, cols)
     ctr_preds = None
     if "p_ctr" not in preds or model.name not in OWN_CTR:
@@ -172,8 +207,10 @@ def evaluate_dir(model, data_dir: str, split: str = "test", ctr_model=None, mani
 
 def train_on_data(data_dir: str, out_dir: str, name: str, config_file: str | None = None,
                   sets: list[str] = (), progress: bool | None = None, ctr_model_dir: str | None = None,
-                  resume: bool = False, embedding_factory: EmbeddingFactory | None = None, **overrides) -> dict:
-    """`esmm train`: fit ``name`` on DATA's train split, evaluate on test, write MODEL/."""
+                  resume: bool = False, embedding_factory: EmbeddingFactory | None = None,
+                  init_from: str | None = None, **overrides) -> dict:
+    """`esmm train`: fit ``name`` on DATA's train split, evaluate on test, write MODEL/
+    (``init_from``: a bundle to warm-start from)."""
     model_cfg, train_cfg = resolve(config_file, sets, **overrides)
     manifest = load_manifest(data_dir)
     fields = manifest_fields(manifest, model_cfg.pooling)
@@ -182,8 +219,10 @@ def train_on_data(data_dir: str, out_dir: str, name: str, config_file: str | Non
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model, result = train_model(name, train, model_cfg, train_cfg, ctr_model=ctr_model,
                                 embedding_factory=embedding_factory, progress=progress,
-                                checkpoint_path=str(Path(out_dir) / "checkpoint.pt"), resume=resume)
-    save_model(model, out_dir, name, model_cfg, train_cfg, {"data": str(data_dir)})
+                                checkpoint_path=str(Path(out_dir) / "checkpoint.pt"), resume=resume,
+                                init_from=init_from)
+    save_model(model, out_dir, name, model_cfg, train_cfg,
+               {"data": str(Path(data_dir).resolve()), **({"init_from": str(Path(init_from).resolve())} if init_from else {})})
     Path(out_dir, "checkpoint.pt").unlink(missing_ok=True)  # finished: the model is in model.pt
     if name in NEEDS_CTR_MODEL:
         ctr_model = model.ctr_model

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from train.warm_start import warm_start_source
 from train.errors import InputError
 from train.loop import TrainConfig
 from train.model import EsmmConfig
@@ -198,8 +199,10 @@ def load_final_model(checkpoint_dir: str, name: str, fields, model_cfg: EsmmConf
 
 
 def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
-                 ray_cfg: RayConfig, ctr_model_dir: str | None = None, address: str | None = None) -> dict:
-    """Train ``name`` on Ray; write MODEL/ (model.pt, config.json, metrics.json). Returns metrics."""
+                 ray_cfg: RayConfig, ctr_model_dir: str | None = None, address: str | None = None,
+                 init_from: str | None = None) -> dict:
+    """Train ``name`` on Ray; write MODEL/ (model.pt, config.json, metrics.json). Returns metrics.
+    ``init_from``: a model bundle every worker warm-starts its part from (train/warm_start.py)."""
     from train.baselines import NEEDS_CTR_MODEL
     from train.data import load_manifest, manifest_fields
     from train.local import evaluate_dir, load_model, save_model
@@ -218,6 +221,7 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
     if ray_cfg.resume and (storage / ray_cfg.name).exists():
         check_resume_world(storage / ray_cfg.name, ray_cfg.num_workers)
     config = worker_config(name, manifest, fields, model_cfg, train_cfg, ray_cfg, ctr_model_dir)
+    config["init_from"] = warm_start_source(init_from, name, fields)
     with ray_cluster(address):
         res = fit_on_ray(config, ray_cfg, storage, datasets(data_dir, manifest, fields, train_cfg.val_fraction))
     fit_result = json.loads(res.metrics["result"])
@@ -256,4 +260,5 @@ def train_on_ray(args, overrides: dict) -> dict:
                         resume=bool(getattr(args, "resume", False)), fail_at=_fail_at_from_env(),
                         data_mode=getattr(args, "data_mode", None) or "memory")
     return run_training(args.data, args.out, args.model, model_cfg, train_cfg, ray_cfg,
-                        ctr_model_dir=args.ctr_model, address=args.address)
+                        ctr_model_dir=args.ctr_model, address=args.address,
+                        init_from=getattr(args, "init_from", None))

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train.warm_start import warm_start_worker
 from train.embedding import FieldConfig
 from train.loop import TrainConfig, fit
 from train.model import EsmmConfig
@@ -223,12 +224,13 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint(config["resume_from"])
+    warm = warm_start_worker(model, config, ckpt is None)
     local_bs = max(1, train_cfg.batch_size // world)
     eval_bs = max(1, train_cfg.eval_batch_size // world)
     if memory:
         train_batches, val_batches, rows, sums = memory_source(model, fields, config, rank, local_bs, eval_bs,
                                                                device, world)
-        if ckpt is None and model.cfg.init_bias and hasattr(model, "init_output_bias"):
+        if ckpt is None and not warm and model.cfg.init_bias and hasattr(model, "init_output_bias"):
             model.init_output_bias(None, None, sums=sums())  # the rows' own base rates, as in one process
     else:
         train_batches, val_batches, rows = stream_source(model, fields, config, local_bs, eval_bs, device, world)
