@@ -15,6 +15,7 @@ JOBS = {
     "experiment": ("jobs.experiment", "the paper's protocol: all models x seeds -> report"),
     "demo": ("jobs.demo", "synth -> etl -> experiment on the embedded default"),
     "cluster": ("jobs.cluster", "start/stop a local Ray cluster on 127.0.0.1"),
+    "compare": ("jobs.compare", "two models on the same rows: figures and paired bootstrap intervals"),
     "publish": ("jobs.publish", "gate a model against production, swap the production pointer"),
 }
 
