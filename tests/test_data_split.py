@@ -1,6 +1,6 @@
 """The validation hold-out: a function of each row's sample_id alone.
 
-The local trainer (``Columns.split_off``) and every Ray worker (``_holdout_rows`` on its
+The local trainer (``Columns.split_off``) and every Ray worker (``train.ray_data.holdout_rows`` on its
 blocks) pick the same rows, whatever the file order, row order or worker count.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from shard_writer import write_data
 from train.data import holdout_mask, load_split
-from train.ray_trainer import _holdout_rows
+from train.ray_data import holdout_rows as _holdout_rows
 
 
 def test_holdout_depends_on_the_id_only(tmp_path):
