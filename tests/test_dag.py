@@ -206,3 +206,67 @@ def test_job_arguments_match_the_jobs_parsers(dag, monkeypatch):
     assert float(ns.gpus_per_worker) == 1.0
 
 
+# --- a retried Ray train ------------------------------------------------------------
+
+
+@pytest.fixture
+def airflow_runtime_env(ray_start_2_cpus, monkeypatch):
+    """Connections and tools the tasks use: Spark local[2], the fixture's Ray job API."""
+    host, port = ray_start_2_cpus["dashboard"].removeprefix("http://").split(":")
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", json.dumps({"conn_type": "http", "host": host, "port": int(port)}))
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")  # spark-submit, esmm
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    return ray_start_2_cpus
+
+
+def test_retried_train_stops_the_earlier_try_and_resumes_its_checkpoint(airflow_runtime_env, airflow_db, tmp_path):
+    """Try 1's Ray job hangs after its step-4 checkpoint (its Airflow task died, the job did not);
+    try 2, the DAG's own train arguments and job client, stops it and continues from step 4 to
+    the step count of an uninterrupted run."""
+    import logging
+    import math
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from shard_writer import write_data
+    from train.data import holdout_mask, load_split
+    from train.ray_trainer import FAIL_ENV, FAIL_HOLD_ENV
+
+    n_train, batch, epochs = 1600, 128, 2
+    data = write_data(tmp_path / "w", n_train=n_train, n_test=400, days=4, shards_per_day=2)
+    m = dag_module()
+    plan = {"data": str(data), "candidate": str(tmp_path / "candidate"), "production": None}
+    params = {"model": "esmm", "epochs": epochs, "workers": 2, "gpus_per_worker": 0, "batch_size": batch,
+              "lr": None, "warm_start": True}
+    sets = ["--set", "checkpoint_every=4", "--set", "patience=0"]  # checkpoints at steps 4, 8, ...
+    run_id = "manual__retry"
+    client = JobSubmissionClient(airflow_runtime_env["dashboard"])
+    marker = tmp_path / "fault"
+
+    first = m.ray_jobs.submission_id("train", run_id, 1)
+    m.ray_jobs.submit(client, m.train_args(plan, params, 1) + sets, first, working_dir="",
+                      env={FAIL_ENV: f"0:6:1:{marker}", FAIL_HOLD_ENV: "900"})
+    deadline = time.monotonic() + 1200  # generous: a loaded machine starts Ray Train slowly
+    while not marker.exists():  # rank 1 reached step 6 of epoch 0 and hangs there
+        assert time.monotonic() < deadline and not client.get_job_status(first).is_terminal(), \
+            client.get_job_logs(first)[-3000:]
+        time.sleep(1)
+    time.sleep(6)  # Ray Train's controller collects the step-4 checkpoint (it polls every 2 s)
+    assert client.get_job_status(first) == JobStatus.RUNNING
+
+    second = m.ray_jobs.run("train", m.train_args(plan, params, 2) + sets, run_id, 2, conn_id="ray_default",
+                            working_dir="", log=logging.getLogger("test.train"))
+    assert client.get_job_status(first) == JobStatus.STOPPED
+    assert client.get_job_status(second) == JobStatus.SUCCEEDED
+    t = json.loads((tmp_path / "candidate" / "metrics.json").read_text())["training"]
+    from train.config import resolve
+
+    val_fraction = resolve(None, sets[1::2])[1].val_fraction
+    n_val = int(holdout_mask(load_split(data, "train").sample_id, val_fraction).sum())
+    rest = n_train - n_val
+    uninterrupted = epochs * math.ceil((rest // 2) / (batch // 2))  # each worker: half the rows, half the batch
+    assert t["resumed_at_global_step"] == 4
+    assert t["steps"] == uninterrupted
