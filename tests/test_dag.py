@@ -270,3 +270,107 @@ def test_retried_train_stops_the_earlier_try_and_resumes_its_checkpoint(airflow_
     uninterrupted = epochs * math.ceil((rest // 2) / (batch // 2))  # each worker: half the rows, half the batch
     assert t["resumed_at_global_step"] == 4
     assert t["steps"] == uninterrupted
+
+
+# --- the whole DAG: two consecutive days, then an untrained model -----------------------
+
+
+def _run(dag, day: str, conf: dict, **kw):
+    import pendulum
+
+    dr = dag.test(logical_date=pendulum.parse(day), run_conf=conf, **kw)
+    return dr, {ti.task_id: ti.state for ti in dr.get_task_instances()}
+
+
+def _asset_events(name: str) -> list[dict]:
+    from airflow import settings
+    from airflow.models.asset import AssetEvent, AssetModel
+    from sqlalchemy import select
+
+    with settings.Session() as s:
+        rows = s.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                         .where(AssetModel.name == name).order_by(AssetEvent.id))
+        return [dict(r.extra) for r in rows]
+
+
+ALL_OK = {t: "success" for t in ("wait_for_logs", "etl", "train", "evaluate", "gate", "publish", "score")}
+
+
+def test_two_days_carry_the_model_over_and_an_untrained_model_stops_at_the_gate(dag, airflow_runtime_env,
+                                                                                tmp_path, capfd):
+    """Needs the contract-4 commands of branches etl and serving: skipped until they are merged."""
+    missing = missing_cli()
+    if missing:
+        pytest.skip(f"this checkout lacks {', '.join(missing)} (contract 4, other branches)")
+    import pyarrow.dataset as ds
+    from ray.job_submission import JobSubmissionClient
+
+    from jobs.synth import main as synth
+    from train import publish as pub
+
+    logs, data, scores = tmp_path / "logs", tmp_path / "shards", tmp_path / "scores"
+    # 7 days, CTR and CVR raised so one test day has a few hundred conversions: enough for the
+    # paired interval to tell a trained model from an untrained one.
+    assert synth(["--out", str(logs), "--impressions", "35000", "--days", "7", "--seed", "3",
+                  "--ctr", "0.15", "--cvr", "0.3", "--quiet"]) == 0
+    conf = {"log_root": str(logs), "data_root": str(data), "score_root": str(scores),
+            "window_days": 1, "click_horizon_days": 1, "history_days": 4, "test_days": 1, "shards": 2,
+            "workers": 2, "epochs": 3, "batch_size": 512, "lr": 0.01, "tolerance": 0.0,
+            "spark_driver_memory": "1g", "spark_shuffle_partitions": 4}
+    client = JobSubmissionClient(airflow_runtime_env["dashboard"])
+
+    # day 1 (ds 01-06 labels 01-04 = ds - H - W): nothing in production, the candidate publishes
+    dr, states = _run(dag, "2026-01-06", conf)
+    assert states == ALL_OK and dr.state == "success"
+    first = pub.production_dir(MODELS)
+    assert first.parent == (MODELS / "candidates").resolve() and first.name.startswith("2026-01-04__")
+    m1 = json.loads((data / "2026-01-04" / "manifest.json").read_text())
+    assert m1["splits"]["train"]["days"] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    assert m1["splits"]["test"]["days"] == ["2026-01-04"] and not (m1.get("vocab") or {}).get("parent")
+    assert json.loads((first / "compare.json").read_text())["models"] == [str(first)]
+
+    # day 2 (ds 01-07 labels 01-05): ids from production, warm start, compared on the same rows
+    dr2, states2 = _run(dag, "2026-01-07", conf)
+    assert states2 == ALL_OK and dr2.state == "success"
+    second = pub.production_dir(MODELS)
+    assert second != first and second.name.startswith("2026-01-05__")
+    shards2 = data / "2026-01-05"
+    m2 = json.loads((shards2 / "manifest.json").read_text())
+    assert m2["vocab"]["parent"] == str(first)
+    entry = client.get_job_info(m := dag_module().ray_jobs.submission_id("train", dr2.run_id, 1)).entrypoint
+    assert f"--init-from {first}" in entry, (m, entry)
+    lineage = json.loads((second / "bundle.json").read_text())["lineage"]
+    assert Path(lineage["parent_model"]).resolve() == first
+    cmp = json.loads((second / "compare.json").read_text())
+    assert cmp["models"] == [str(first), str(second)] and cmp["data"] == str(shards2) and cmp["split"] == "test"
+    assert cmp["rows"] == m2["splits"]["test"]["impressions"]
+    for k in pub.GATED:  # both models' figures on day 2's test rows, and the interval of the difference
+        assert len(cmp["metrics"][k]["values"]) == 2 and len(cmp["metrics"][k]["ci95"]) == 2
+    # score: every valid impression of the newest complete day, by the published model
+    out = scores / "dt=2026-01-07"
+    summary = json.loads((out / "score.json").read_text())
+    read = ds.dataset(logs / "impressions" / "dt=2026-01-07", format="parquet").count_rows()
+    table = ds.dataset(out, format="parquet").to_table()
+    assert (out / "_SUCCESS").exists() and summary["impressions"]["read"] == read
+    assert table.num_rows == summary["impressions"]["valid"] == read - sum(summary["impressions"]["rejects"].values())
+    assert Path(summary["model"]).resolve() == second
+    assert [Path(e["model"]).resolve() for e in map(json.loads, (MODELS / pub.LOG_FILE).read_text().splitlines())] \
+        == [first, second]
+    assert [e["path"] for e in _asset_events("esmm_production_model")] == [str(first), str(second)]
+
+    # day 2 again, learning rate 0 and no warm start: an untrained model stops at the gate
+    capfd.readouterr()
+    dr3, states3 = _run(dag, "2026-01-07", {**conf, "lr": 0.0, "warm_start": False}, mark_success_pattern="etl")
+    printed = "".join(capfd.readouterr())
+    assert dr3.state == "failed"
+    assert states3["evaluate"] == "success" and states3["gate"] == "failed"
+    assert states3["publish"] == "upstream_failed" and states3["score"] == "upstream_failed"
+    assert pub.production_dir(MODELS) == second
+    third = next(p for p in (MODELS / "candidates").iterdir() if p.resolve() not in (first, second))
+    cmp3 = json.loads((third / "compare.json").read_text())
+    worse = [k for k in pub.GATED if cmp3["metrics"][k]["ci95"][1] < 0]
+    assert worse, cmp3["metrics"]
+    k = worse[0]
+    c = cmp3["metrics"][k]
+    assert (f"{k} candidate {c['values'][1]:.4f} vs production {c['values'][0]:.4f}, difference {c['diff']:+.4f} "
+            f"(95% CI {c['ci95'][0]:+.4f} .. {c['ci95'][1]:+.4f})") in printed
