@@ -41,15 +41,18 @@ EPS = 1e-7  # the clip of train.metrics.log_loss
 def predictions(model_dir: str, data_dir: str, split: str = "test", manifest: dict | None = None) -> dict:
     """The model's pCVR and pCTCVR on every row of DATA's split, the labels, and its figures
     from ``evaluate_dir`` (the function behind ``esmm evaluate``)."""
+    from train import local
     from train.data import load_manifest, load_split, manifest_fields
     from train.evaluate import predict
-    from train.local import check_fields, evaluate_dir, load_model
 
-    model, _ = load_model(model_dir)
+    model, _ = local.load_model(model_dir)
     manifest = manifest or load_manifest(data_dir)
-    check_fields(model.fields, manifest_fields(manifest, model.cfg.pooling), f"{data_dir}/manifest.json")
-    cols = load_split(data_dir, split, model.fields, manifest)
-    figures = evaluate_dir(model, data_dir, split, None, manifest, cols=cols)
+    local.check_fields(model.fields, manifest_fields(manifest, model.cfg.pooling), f"{data_dir}/manifest.json")
+    # the rows exactly as `esmm evaluate` reads them: with branch serving, ids beyond an older
+    # model's vocabulary read as out of vocabulary (local.load_split_for)
+    load_for = getattr(local, "load_split_for", None)
+    cols = load_for(model, data_dir, split, manifest) if load_for else load_split(data_dir, split, model.fields, manifest)
+    figures = local.evaluate_dir(model, data_dir, split, None, manifest, cols=cols)
     preds = predict(model, cols)
     if "p_cvr" not in preds or not ("p_ctcvr" in preds or "p_ctr" in preds):
         raise InputError(f"{model_dir}: model {model.name!r} gives no pCVR and pCTCVR of its own to compare")
