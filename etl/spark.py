@@ -11,7 +11,8 @@ def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | Non
     Under spark-submit the master comes from the submitter (``master=None`` leaves it);
     from the CLI the default is ``local[*]`` bound to 127.0.0.1.
     """
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if (master or "").startswith("local"):  # a cluster's executors must reach the driver's real address
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     # Python workers (mapInArrow in etl/vocab.py) need this interpreter's pyarrow/pandas.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -17,6 +17,7 @@ JOBS = {
     "cluster": ("jobs.cluster", "start/stop a local Ray cluster on 127.0.0.1"),
     "export": ("jobs.export", "copy a trained model into a self-contained bundle (safetensors + vocabularies)"),
     "score": ("jobs.score", "score every impression of a day from the raw logs with a model bundle"),
+    "compare": ("jobs.compare", "two models on the same rows: figures and paired bootstrap intervals"),
     "publish": ("jobs.publish", "gate a model against production, swap the production pointer"),
 }
 

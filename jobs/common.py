@@ -6,9 +6,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-# Local Spark and Ray stay on loopback; without these a Ray driver may bind to the
-# outward address and hang reconnecting (see README, "Environment").
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+# Local Ray stays on loopback; without this a Ray driver may bind to the outward address
+# and hang reconnecting (see README, "Environment"). Spark binds to loopback only for a
+# local master (etl/spark.py): a cluster's executors must reach the driver.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Idle OpenMP threads sleep instead of spinning: beside Ray Data tasks, Spark or a second
 # worker on the same cores, spinning threads starve each other (measured >10x slower).

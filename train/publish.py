@@ -1,20 +1,22 @@
-"""The publish gate and the production pointer: pure Python, no Airflow, no torch.
+"""The publish gate and the production pointer: no Airflow, and no torch unless it scores.
 
 A model root holds candidate models and one pointer, ``ROOT/production``, a
 symlink to the model now serving::
 
     MODEL_ROOT/
-      candidates/2026-01-07__run1/   a model dir (written by ``esmm train``) with
-                                     evaluation.json (written by ``esmm evaluate``)
+      candidates/2026-01-07__run1/   a model dir (written by ``esmm train``)
       production -> candidates/2026-01-07__run1
       publish_log.jsonl              one line per publish, newest last
 
-A candidate replaces production only when none of the gated metrics (CTCVR AUC and
-CVR AUC, the two the paper reports) is worse than production's by more than a
-tolerance. The pointer is swapped by ``os.replace`` of a fresh symlink, which POSIX
+The gate compares like with like: production and the candidate are scored on the
+same rows (DATA's test split, train/compare.py), and a candidate is refused only when
+the paired bootstrap 95% interval of candidate - production, for CTCVR AUC or CVR AUC
+(the two the paper reports), lies wholly below -tolerance. A candidate equal to
+production therefore passes, and a difference inside the noise never blocks a
+publish. The pointer is swapped by ``os.replace`` of a fresh symlink, which POSIX
 makes atomic: a reader resolving ``production`` sees the old model or the new one,
-never a missing or half-written pointer. The Airflow DAG and ``esmm publish`` call
-the same functions.
+never a missing or half-written pointer. ``esmm publish`` calls these functions; the
+Airflow DAG runs ``esmm publish`` as a process.
 """
 from __future__ import annotations
 
@@ -26,90 +28,72 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from train.errors import InputError
 
 POINTER = "production"
-METRICS_FILE = "evaluation.json"
 LOG_FILE = "publish_log.jsonl"
 GATED = ("ctcvr_auc", "cvr_auc")
 
 
 @dataclass
 class GateResult:
-    """Outcome of comparing a candidate's metrics with production's.
+    """Outcome of comparing a candidate with production on the same rows.
 
     Args:
         passed (bool): True when the candidate may be published.
         candidate (dict): the candidate's gated figures.
-        production (dict | None): production's gated figures, None when nothing is published yet.
+        production (dict | None): production's gated figures on the same rows, None when
+            nothing is published yet.
         tolerance (float): the allowed drop per metric.
-        failures (list[str]): one line per metric that failed, both figures in it.
+        intervals (dict): per gated metric, the 95% interval of candidate - production.
+        failures (list[str]): one line per metric that failed, both figures and the interval in it.
     """
 
     passed: bool
     candidate: dict
     production: dict | None
     tolerance: float
+    intervals: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
+    def describe(self, k: str) -> str:
+        if self.production is None:
+            return f"{k} candidate {self.candidate[k]:.4f} (no production model)"
+        lo, hi = self.intervals[k]
+        return (f"{k} candidate {self.candidate[k]:.4f} vs production {self.production[k]:.4f}, "
+                f"difference {self.candidate[k] - self.production[k]:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f})")
+
     def message(self) -> str:
-        figs = ", ".join(
-            f"{k} candidate {self.candidate[k]:.4f} vs production "
-            + ("n/a" if self.production is None else f"{self.production[k]:.4f}")
-            for k in self.candidate
-        )
         if self.passed:
-            return f"gate passed (tolerance {self.tolerance:g}): {figs}"
+            return f"gate passed (tolerance {self.tolerance:g}): " + "; ".join(self.describe(k) for k in self.candidate)
         return f"gate failed (tolerance {self.tolerance:g}): " + "; ".join(self.failures)
 
 
-def read_metrics(model_dir: str | os.PathLike, name: str = METRICS_FILE,
-                 keys: Sequence[str] = GATED) -> dict:
-    """Read ``model_dir/name`` and return the gated figures as floats.
+def gate(comparison: dict, tolerance: float, keys: Sequence[str] = GATED) -> GateResult:
+    """The verdict on a comparison ``[production, candidate]`` (or ``[candidate]`` alone).
 
-    Raises:
-        InputError: the file is missing, not JSON, or lacks one of ``keys``.
-    """
-    path = Path(model_dir) / name
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: metrics file not found (run `esmm evaluate --out {path}` first)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: unreadable metrics file: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise InputError(f"{path}: missing metric(s) {', '.join(missing)}")
-    try:
-        return {k: float(data[k]) for k in keys}
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: metrics {', '.join(keys)} must be numbers") from None
-
-
-def gate(candidate: Mapping[str, float], production: Mapping[str, float] | None,
-         tolerance: float, keys: Sequence[str] = GATED) -> GateResult:
-    """Pass when, for every key, ``candidate >= production - tolerance``.
-
-    A candidate figure that is NaN (e.g. a test split with no positives) fails: the
-    gate cannot vouch for it. A NaN production figure does not constrain. With no
-    production model the gate passes.
+    Fails a metric only when the whole 95% interval of candidate - production lies below
+    ``-tolerance``: the candidate is then worse by more than the tolerance with 95%
+    confidence. A candidate figure that is NaN (e.g. no positives) fails: the gate cannot
+    vouch for it. With no production model only that check applies.
     """
     if tolerance < 0 or math.isnan(tolerance):
         raise InputError(f"tolerance must be >= 0, got {tolerance}")
-    cand = {k: float(candidate[k]) for k in keys}
-    prod = None if production is None else {k: float(production[k]) for k in keys}
-    failures = []
+    metrics = comparison["metrics"]
+    first = len(comparison["models"]) == 1
+    cand = {k: float(metrics[k]["values"][-1]) for k in keys}
+    prod = None if first else {k: float(metrics[k]["values"][0]) for k in keys}
+    intervals = {} if first else {k: tuple(metrics[k]["ci95"]) for k in keys}
+    result = GateResult(True, cand, prod, tolerance, intervals)
     for k in keys:
-        c = cand[k]
-        if math.isnan(c):
-            failures.append(f"{k} candidate is NaN (production {'n/a' if prod is None else f'{prod[k]:.4f}'})")
-        elif prod is not None and not math.isnan(prod[k]) and c < prod[k] - tolerance:
-            failures.append(f"{k} candidate {c:.4f} < production {prod[k]:.4f} - tolerance {tolerance:g}")
-    return GateResult(not failures, cand, prod, tolerance, failures)
+        if math.isnan(cand[k]):
+            result.failures.append(f"{k} candidate is NaN (no positives or no negatives on these rows)")
+        elif not first and intervals[k][1] < -tolerance:
+            result.failures.append(result.describe(k) + f": worse by more than the tolerance {tolerance:g}")
+    result.passed = not result.failures
+    return result
 
 
 def production_dir(root: str | os.PathLike) -> Path | None:
@@ -125,13 +109,35 @@ def production_dir(root: str | os.PathLike) -> Path | None:
     return target
 
 
-def check(candidate: str | os.PathLike, root: str | os.PathLike, tolerance: float,
-          metrics_name: str = METRICS_FILE) -> GateResult:
-    """Gate ``candidate`` against what ``root``'s pointer names (figures from each model's metrics file)."""
-    cand = read_metrics(candidate, metrics_name)
-    prod_dir = production_dir(root)
-    prod = None if prod_dir is None else read_metrics(prod_dir, metrics_name)
-    return gate(cand, prod, tolerance)
+def comparison(candidate: str | os.PathLike, root: str | os.PathLike, data: str | os.PathLike,
+               split: str = "test", comparison_file: str | os.PathLike | None = None,
+               resamples: int = 1000, seed: int = 0) -> dict:
+    """Production (what ``root``'s pointer names now) and ``candidate`` compared on DATA's split.
+
+    With ``comparison_file`` (from ``esmm compare``) nothing is scored, so no torch is
+    needed; the file must name exactly these models, data and split, else it is stale.
+    """
+    from train import compare as cmp
+
+    prod = production_dir(root)
+    models = [str(Path(m).resolve()) for m in ([candidate] if prod is None else [prod, candidate])]
+    if comparison_file is None:
+        return cmp.compare(models, str(data), split, resamples, seed)
+    result = cmp.read(comparison_file)
+    want = {"models": models, "data": str(Path(data).resolve()), "split": split}
+    got = {k: result.get(k) for k in want}
+    if got != want:
+        raise InputError(f"{comparison_file}: compares {got}, the gate needs {want} "
+                         f"(production changed since? rerun `esmm compare`)")
+    return result
+
+
+def check(candidate: str | os.PathLike, root: str | os.PathLike, data: str | os.PathLike,
+          tolerance: float, split: str = "test", comparison_file: str | os.PathLike | None = None,
+          **kw) -> tuple[GateResult, dict]:
+    """Gate ``candidate`` against production on the same rows; returns (verdict, comparison)."""
+    cmp_result = comparison(candidate, root, data, split, comparison_file, **kw)
+    return gate(cmp_result, tolerance), cmp_result
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,13 +187,14 @@ def swap_pointer(root: str | os.PathLike, model_dir: str | os.PathLike) -> Path:
     return pointer
 
 
-def publish(candidate: str | os.PathLike, root: str | os.PathLike, tolerance: float,
-            metrics_name: str = METRICS_FILE, force: bool = False) -> GateResult:
+def publish(candidate: str | os.PathLike, root: str | os.PathLike, data: str | os.PathLike,
+            tolerance: float, split: str = "test", comparison_file: str | os.PathLike | None = None,
+            force: bool = False, **kw) -> GateResult:
     """Gate ``candidate``; if it passes (or ``force``), swap the pointer to it and log the publish.
 
     Returns the GateResult; on a failed gate nothing under ``root`` changes.
     """
-    result = check(candidate, root, tolerance, metrics_name)
+    result, cmp_result = check(candidate, root, data, tolerance, split, comparison_file, **kw)
     if not (result.passed or force):
         return result
     previous = production_dir(root)
@@ -196,8 +203,10 @@ def publish(candidate: str | os.PathLike, root: str | os.PathLike, tolerance: fl
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": str(pointer.resolve()),
         "previous": None if previous is None else str(previous),
+        "data": cmp_result["data"], "split": split,
         "metrics": result.candidate,
         "production_metrics": result.production,
+        "ci95": result.intervals,
         "tolerance": tolerance,
         "forced": bool(force and not result.passed),
     }

@@ -42,6 +42,7 @@ from train.ray_worker import DENSE_FILE, train_loop_per_worker
 from train.shard.checkpoint import load_shard, merge_state
 
 FAIL_ENV = "ESMM_TEST_FAIL_AT"  # tests only: "EPOCH:STEP:RANK:MARKER" kills that worker once
+FAIL_HOLD_ENV = "ESMM_TEST_FAIL_HOLD_S"  # tests only: the faulty worker hangs this long first (a stuck try)
 
 
 @dataclass
@@ -246,7 +247,10 @@ def _fail_at_from_env() -> dict | None:
     if not v:
         return None
     epoch, step, rank, marker = v.split(":", 3)
-    return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker}
+    fail = {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker}
+    if os.environ.get(FAIL_HOLD_ENV):
+        fail["delay_s"] = float(os.environ[FAIL_HOLD_ENV])
+    return fail
 
 
 def train_on_ray(args, overrides: dict) -> dict:

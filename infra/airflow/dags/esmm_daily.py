@@ -1,223 +1,153 @@
-"""esmm_daily: the daily Airflow DAG: logs -> Spark ETL -> Ray training -> evaluation -> gate -> publish.
+"""esmm_daily: logs -> Spark ETL -> Ray training -> compare with production -> gate -> publish -> score.
 
-One run per day ``ds`` (``airflow dags test esmm_daily 2026-01-14`` runs the day
-2026-01-14, labelling 2026-01-07). The tasks run the same jobs a person runs (see README):
+One run per day ``ds``; every task runs a job a person can run (README, "Scheduling"):
 
-    wait_for_logs   the three tables' partitions dt=LABEL_DAY..ds have _SUCCESS
-    etl             spark-submit jobs/etl.py (connection spark_default; master from it)
-    train           ray job submit: python -m jobs.train (Ray cluster from a connection)
-    evaluate        ray job submit: python -m jobs.evaluate on the latest test days
-    gate            CTCVR AUC and CVR AUC not worse than production's by > tolerance
-    publish         atomic swap of MODEL_ROOT/production (train/publish.py, as `esmm publish`)
-    score           entire-space scoring with jobs/score.py, skipped when the build has none
+    wait_for_logs   every table's dt=D/_SUCCESS, from the label day through ds
+    etl             spark-submit jobs/etl.py --vocab-from PRODUCTION --click-horizon-days H
+    train           Ray job: esmm train --init-from PRODUCTION (a retry resumes the Ray checkpoint)
+    evaluate        Ray job: esmm compare --models PRODUCTION,CANDIDATE on this run's test rows
+    gate            process: esmm publish --check --comparison (fails: worse beyond the interval)
+    publish         process: esmm publish --comparison (atomic swap of MODEL_ROOT/production)
+    score           Ray job: esmm score of the newest complete day (ds) with the published model
 
-Which day a run labels: the day ``ds - window_days``, not ``ds``. A conversion counts
-when it comes within ``window_days`` of its click, so an impression of day D has its
-final label only once the logs of day D + W are in. Labelling ``ds`` itself would
-turn every conversion still to come into a negative: on the newest days the observed
-CVR would be biased low (the delayed-feedback problem), and exactly on the days that
-weigh most for a daily model. So the run for ``ds`` waits for ``ds``'s partitions (and
-every day back to the label day, whose events the ETL reads), builds shards for
-``history_days`` days ending on ``LABEL_DAY = ds - W``, holds the last ``test_days``
-of them out as the test split, and trains on the rest. With W = 0 it labels ``ds``.
+Which day a run labels: ``ds - (H + W)``. A click may come up to H days after its
+impression (the click horizon) and a conversion counts within W days of its click, so
+the labels of impression day D are final once the logs through D + H + W are in. The
+run for ``ds`` waits for those days and builds ``history_days`` of shards ending on
+the label day; the ETL reads clicks through end + H and conversions through end + H + W.
 
-Schedule: ``@daily`` (Airflow 3: a cron trigger at 00:00 UTC, logical date = the day
-``ds``). The sensor reschedules itself (frees its worker slot) until the upstream log
-pipeline writes the day's ``_SUCCESS`` markers after the day ends.
-
-Gate: the candidate's figures are ``esmm evaluate`` on this run's test days; production's
-are the ones it was published with (its own ``evaluation.json``, on its test days).
-Vocabularies are rebuilt per run from the training days, so the old model cannot be
-re-scored on the new shards; the tolerance absorbs day-to-day drift, and a run of the
-same day (as in the tests) compares like with like. ``tolerance`` is per metric.
-
-Paths: shards go to ``DATA_ROOT/<LABEL_DAY>/`` (rewritten whole by a rerun of the day),
-candidates to ``MODEL_ROOT/candidates/<LABEL_DAY>__<run>/``; production is the symlink
-``MODEL_ROOT/production``. The Spark cluster and the Ray cluster must both see these
-paths (one shared filesystem, or the same mount on all nodes).
-
-Parsing stays cheap: no torch, ray or pyspark import at module level, no connection
-or variable lookups at parse time; defaults for the roots come from environment
-variables (ESMM_LOG_ROOT, ESMM_DATA_ROOT, ESMM_MODEL_ROOT) and run params override them.
+Deployment settings come from the environment when the DAG is parsed, not from run
+conf: ESMM_MODEL_ROOT (candidates/ and the production pointer), ESMM_RAY_WORKING_DIR
+(the code shipped with each Ray job; empty when the image has it) and this repo as the
+code spark-submit runs. A run's conf can change dates, sizes and learning settings, but
+cannot make a run publish into another model root or run other code.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
 import os
-import re
 import shlex
-import time
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pendulum
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, CronTriggerTimetable, Metadata, Param, PokeReturnValue, dag, task
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk import Asset, CronTriggerTimetable, Param, PokeReturnValue, dag, task
+from airflow.sdk.exceptions import AirflowFailException
 
-# infra/airflow/dags/esmm_daily.py -> the repo root: jobs/ for spark-submit, the Ray working_dir.
-REPO = Path(__file__).resolve().parents[3]
+import esmm_ray_jobs as ray_jobs
+
+REPO = Path(__file__).resolve().parents[3]  # jobs/ for spark-submit
+MODEL_ROOT = os.environ.get("ESMM_MODEL_ROOT", "/data/esmm/models")
+RAY_WORKING_DIR = os.environ.get("ESMM_RAY_WORKING_DIR", str(REPO))
 TABLES = ("impressions", "clicks", "conversions")
 
-# Logical names: the physical paths are run params, so they travel in each event's extra.
 SHARDS = Asset(name="esmm_shards", uri="esmm://shards/daily", group="esmm")
 MODEL = Asset(name="esmm_production_model", uri="esmm://models/production", group="esmm")
 
-# The Spark and Ray tasks retry with exponential back-off: a cluster that is briefly
-# unreachable or preempted should not fail the day.
-RETRY = dict(
-    retries=2,
-    retry_delay=dt.timedelta(minutes=2),
-    retry_exponential_backoff=True,
-    max_retry_delay=dt.timedelta(minutes=30),
-)
-
-# Left out of the code shipped to Ray as the job's working_dir (Ray also honours .gitignore).
-RAY_EXCLUDES = [".git", ".venv", "bench", "tests", "*.egg-info", "__pycache__", "runs", "build"]
+# Spark and Ray tasks retry with back-off: a cluster briefly unreachable should not fail the day.
+RETRY = dict(retries=2, retry_delay=dt.timedelta(minutes=2), retry_exponential_backoff=True,
+             max_retry_delay=dt.timedelta(minutes=30))
 
 
-def plan_days(ds: str, window_days: int, history_days: int, test_days: int) -> dict:
-    """The days a run for ``ds`` reads and writes.
-
-    Returns:
-        dict with ``label_day`` (ds - W, the newest day whose labels are final),
-        ``start`` / ``end`` (the shard days, ``history_days`` ending on the label day),
-        ``split_date`` (first test day) and ``wait`` (days whose logs must be complete).
-    """
-    if window_days < 0 or history_days < 2 or not 1 <= test_days < history_days:
+def plan_days(ds: str, window_days: int, click_horizon_days: int, history_days: int, test_days: int) -> dict:
+    """The days a run for ``ds`` labels, reads and waits for (see the module docstring)."""
+    if min(window_days, click_horizon_days) < 0 or history_days < 2 or not 1 <= test_days < history_days:
         raise AirflowFailException(
-            f"bad params: window_days={window_days} (>= 0), history_days={history_days} (>= 2), "
-            f"test_days={test_days} (1 .. history_days-1)"
-        )
+            f"bad params: window_days={window_days}, click_horizon_days={click_horizon_days} (>= 0), "
+            f"history_days={history_days} (>= 2), test_days={test_days} (1 .. history_days-1)")
     day = dt.date.fromisoformat(ds)
-    label = day - dt.timedelta(days=window_days)
-    start = label - dt.timedelta(days=history_days - 1)
-    split = label - dt.timedelta(days=test_days - 1)
-    wait = [label + dt.timedelta(days=i) for i in range(window_days + 1)]
-    return {
-        "ds": ds,
-        "label_day": label.isoformat(),
-        "start": start.isoformat(),
-        "end": label.isoformat(),
-        "split_date": split.isoformat(),
-        "wait": [d.isoformat() for d in wait],
-    }
+    label = day - dt.timedelta(days=click_horizon_days + window_days)
+    days = lambda n: (label - dt.timedelta(days=n)).isoformat()  # noqa: E731
+    return {"ds": ds, "label_day": label.isoformat(), "start": days(history_days - 1), "end": label.isoformat(),
+            "split_date": days(test_days - 1),
+            "wait": [(label + dt.timedelta(days=i)).isoformat() for i in range((day - label).days + 1)]}
 
 
-def _partition_done(log_root: str, table: str, day: str) -> bool:
-    return (Path(log_root) / table / f"dt={day}" / "_SUCCESS").exists()
+def production() -> str | None:
+    """The model dir MODEL_ROOT/production names now, resolved (None before the first publish)."""
+    pointer = Path(MODEL_ROOT) / "production"
+    return str(pointer.resolve()) if pointer.is_symlink() else None
 
 
-def _safe(s: str) -> str:
-    """A run id as a path / Ray submission id component."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
-
-
-def _ray_endpoint(params: dict) -> tuple[str, dict]:
-    """The Ray dashboard (job API) address and HTTP headers.
-
-    The ``ray_address`` param wins; else the connection ``ray_conn_id`` (host, port,
-    schema http/https). A cluster with token auth (RAY_AUTH_MODE=token) gets the
-    connection's password as its bearer token.
-    """
-    if params.get("ray_address"):
-        return params["ray_address"], {}
-    from airflow.sdk import Connection
-
-    conn = Connection.get(params["ray_conn_id"])
-    if not conn.host:
-        raise AirflowFailException(f"connection {params['ray_conn_id']!r} has no host (the Ray dashboard)")
-    host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
-    headers = {"Authorization": f"Bearer {conn.password}"} if conn.password else {}
-    return (f"{host}:{conn.port}" if conn.port else host), headers
-
-
-def _ray_job(params: dict, args: list[str], submission_id: str, log) -> str:
-    """Submit ``args`` as a Ray job, stream its logs into the task log, fail if the job fails.
-
-    The entrypoint is ``shlex.join(args)``: every value is quoted, none pasted raw.
-    The task being killed (timeout, mark failed) stops the job too.
-    """
-    import asyncio
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    address, headers = _ray_endpoint(params)
-    client = JobSubmissionClient(address, headers=headers or None)
-    runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
-    if params.get("ray_working_dir"):
-        runtime_env.update(working_dir=params["ray_working_dir"], excludes=RAY_EXCLUDES)
-    entrypoint = shlex.join(args)
-    log.info("ray job submit to %s: %s", address, entrypoint)
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env)
-    tail: list[str] = []
-
-    async def stream() -> None:
-        async for chunk in client.tail_job_logs(job_id):
-            for line in chunk.splitlines():
-                log.info("[ray %s] %s", job_id, line)
-                tail.append(line)
-                del tail[:-40]
-
-    try:
-        asyncio.run(stream())
-        status = client.get_job_status(job_id)
-        while not status.is_terminal():  # the log stream can end a moment before the status flips
-            time.sleep(1)
-            status = client.get_job_status(job_id)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            client.stop_job(job_id)
-        raise
-    if status != JobStatus.SUCCEEDED:
-        info = client.get_job_info(job_id)
-        raise AirflowException(
-            f"Ray job {job_id} {status.value}: {info.message or ''}\n  " + "\n  ".join(tail[-15:])
-        )
-    return job_id
-
-
-def train_args(data: str, out: str, params: dict) -> list[str]:
-    """``jobs.train`` and its arguments (``--address auto``: the Ray cluster the job runs on)."""
-    args = ["jobs.train", "--data", data, "--out", out, "--model", params["model"],
-            "--epochs", str(params["epochs"]), "--workers", str(params["workers"]), "--address", "auto"]
+def train_args(plan: dict, params: dict, try_number: int) -> list[str]:
+    """``python -m jobs.train``: warm-started from the production the run started with; a retry resumes."""
+    args = ["python", "-m", "jobs.train", "--data", plan["data"], "--out", plan["candidate"],
+            "--model", params["model"], "--epochs", str(params["epochs"]), "--workers", str(params["workers"]),
+            "--gpus-per-worker", repr(float(params["gpus_per_worker"])), "--address", "auto"]
+    if params["warm_start"] and plan["production"]:
+        args += ["--init-from", plan["production"]]
     if params.get("batch_size") is not None:
         args += ["--batch-size", str(params["batch_size"])]
     if params.get("lr") is not None:
         args += ["--lr", repr(float(params["lr"]))]
+    if try_number > 1:  # continue the Ray checkpoints of the earlier try under the same candidate dir
+        args.append("--resume")
     return args
 
 
-def evaluate_args(model: str, data: str, out: str) -> list[str]:
-    """``jobs.evaluate`` and its arguments: the model's metrics on DATA's test split."""
-    return ["jobs.evaluate", "--model", model, "--data", data, "--out", out]
+def compare_args(plan: dict) -> list[str]:
+    """``python -m jobs.compare``: production (if any) and the candidate on the same test rows."""
+    models = [m for m in (plan["production"], plan["candidate"]) if m]
+    return ["python", "-m", "jobs.compare", "--models", ",".join(models), "--data", plan["data"],
+            "--out", str(Path(plan["candidate"]) / "compare.json")]
+
+
+def publish_args(plan: dict, params: dict, check: bool) -> list[str]:
+    """``esmm publish`` on the comparison the evaluate task wrote (no scoring: no torch here)."""
+    args = ["esmm", "publish", "--candidate", plan["candidate"], "--root", MODEL_ROOT, "--data", plan["data"],
+            "--comparison", str(Path(plan["candidate"]) / "compare.json"), "--tolerance", repr(float(params["tolerance"]))]
+    return args + (["--check"] if check else [])
+
+
+def score_args(model: str, params: dict, day: str) -> list[str]:
+    """``python -m jobs.score``: every impression of ``day`` with the published model."""
+    return ["python", "-m", "jobs.score", "--model", model, "--logs", params["log_root"], "--day", day,
+            "--out", str(Path(params["score_root"]) / f"dt={day}"), "--workers", str(params["workers"]),
+            "--address", "auto", "--gpus-per-worker", repr(float(params["gpus_per_worker"]))]
+
+
+def ray_resources(params: dict) -> dict:
+    """What an entrypoint that computes in its own process asks for (no Ray workers: it is the worker)."""
+    if params["workers"]:
+        return {}
+    return {"num_cpus": 1, "num_gpus": float(params["gpus_per_worker"])}
 
 
 class EtlSubmit(SparkSubmitOperator):
-    """spark-submit jobs/etl.py, then mark the SHARDS outlet with the manifest's counts."""
+    """spark-submit jobs/etl.py with etl/ and jobs/ shipped as --py-files (a cluster's driver and
+    executors import them), ids carried over from production; marks SHARDS with the manifest's counts."""
 
     def execute(self, context):
-        super().execute(context)
-        out = self.application_args[self.application_args.index("--out") + 1]
-        manifest_path = Path(out) / "manifest.json"
-        extra: dict = {"path": out, "day": context["ti"].xcom_pull(task_ids="wait_for_logs")["label_day"]}
-        if manifest_path.exists():  # absent when the data root is remote (hdfs://, s3://)
-            m = json.loads(manifest_path.read_text())
-            extra["splits"] = {
-                name: {k: s.get(k) for k in ("days", "impressions", "clicks", "conversions")}
-                for name, s in m.get("splits", {}).items()
-            }
+        import json
+
+        plan = context["ti"].xcom_pull(task_ids="wait_for_logs")
+        if plan["production"]:  # known values keep the ids production was trained with
+            self.application_args = [*self.application_args, "--vocab-from", plan["production"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            self.py_files = str(Path(tmp) / "esmm_py.zip")
+            with zipfile.ZipFile(self.py_files, "w") as z:
+                for pkg in ("etl", "jobs"):
+                    for f in (REPO / pkg).rglob("*.py"):
+                        z.write(f, f.relative_to(REPO).as_posix())
+            super().execute(context)
+        manifest = Path(plan["data"]) / "manifest.json"
+        extra: dict = {"path": plan["data"], "day": plan["label_day"]}
+        if manifest.exists():  # absent when the data root is remote (hdfs://, s3://)
+            m = json.loads(manifest.read_text())
+            extra["splits"] = {name: {k: s.get(k) for k in ("days", "impressions", "clicks", "conversions")}
+                               for name, s in m.get("splits", {}).items()}
             extra["rejected"] = int(sum(m.get("rejects", {}).values()))
+            extra["vocab"] = m.get("vocab")
         context["outlet_events"][SHARDS].extra = extra
 
 
-def _xplan(key: str) -> str:
+def _plan(key: str) -> str:
     return "{{ ti.xcom_pull(task_ids='wait_for_logs')['" + key + "'] }}"
 
 
 @dag(
-    dag_id="esmm_daily",
     schedule=CronTriggerTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -230,28 +160,25 @@ def _xplan(key: str) -> str:
                           description="raw logs: impressions/, clicks/, conversions/ by dt="),
         "data_root": Param(os.environ.get("ESMM_DATA_ROOT", "/data/esmm/shards"), type="string",
                            description="shards are written to DATA_ROOT/<label day>/"),
-        "model_root": Param(os.environ.get("ESMM_MODEL_ROOT", "/data/esmm/models"), type="string",
-                            description="candidates/ and the production pointer"),
-        "window_days": Param(7, type="integer", minimum=0,
-                             description="attribution window W: conversions count within W days of the click"),
-        "history_days": Param(14, type="integer", minimum=2, description="shard days per run, ending on ds - W"),
+        "score_root": Param(os.environ.get("ESMM_SCORE_ROOT", "/data/esmm/scores"), type="string",
+                            description="scores of day D go to SCORE_ROOT/dt=D/"),
+        "window_days": Param(7, type="integer", minimum=0, description="attribution window W after the click"),
+        "click_horizon_days": Param(1, type="integer", minimum=0,
+                                    description="H: clicks count up to H days after their impression"),
+        "history_days": Param(14, type="integer", minimum=2, description="shard days per run, ending on the label day"),
         "test_days": Param(1, type="integer", minimum=1, description="the latest days held out as the test split"),
         "shards": Param(8, type="integer", minimum=1, description="Parquet shards per day"),
         "model": Param("esmm", type="string"),
-        "workers": Param(2, type="integer", minimum=0,
-                         description="Ray Train workers (0: train inside the Ray job's driver process)"),
+        "workers": Param(2, type="integer", minimum=0, description="Ray Train workers (0: train in the job's driver)"),
+        "gpus_per_worker": Param(0, type="number", minimum=0, description="GPUs per Ray worker (train and score)"),
+        "warm_start": Param(True, type="boolean", description="train --init-from the production model"),
         "epochs": Param(2, type="integer", minimum=1),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, description="null: the trainer's default"),
-        "lr": Param(None, type=["null", "number"], minimum=0,
-                    description="learning rate override (0 trains nothing: a deliberately worse model)"),
-        "tolerance": Param(0.005, type="number", minimum=0,
-                           description="allowed drop of CTCVR AUC and CVR AUC versus production"),
+        "lr": Param(None, type=["null", "number"], minimum=0, description="learning rate (0 trains nothing)"),
+        "tolerance": Param(0.0, type="number", minimum=0,
+                           description="refuse only when the 95% interval of candidate - production is below -T"),
         "ray_conn_id": Param("ray_default", type="string",
-                             description="connection naming the Ray dashboard (job API), e.g. http://head:8265"),
-        "ray_address": Param("", type="string", description="overrides the connection when set"),
-        "ray_working_dir": Param(str(REPO), type="string",
-                                 description="code shipped with each Ray job; empty when the image has it"),
-        "code_dir": Param(str(REPO), type="string", description="repo holding jobs/etl.py for spark-submit"),
+                             description="connection naming the Ray job API; its password is the Ray token"),
         "spark_driver_memory": Param("2g", type="string"),
         "spark_shuffle_partitions": Param(400, type="integer", minimum=1,
                                           description="about 2-3x the cluster's executor cores (AQE coalesces)"),
@@ -259,120 +186,94 @@ def _xplan(key: str) -> str:
 )
 def esmm_daily():
     @task.sensor(poke_interval=600, timeout=dt.timedelta(days=2).total_seconds(), mode="reschedule")
-    def wait_for_logs(ds=None, params=None) -> PokeReturnValue:
+    def wait_for_logs(ds=None, params=None, run_id=None) -> PokeReturnValue:
         """Done when every table has ``dt=D/_SUCCESS`` for each D from the label day through ds."""
-        plan = plan_days(ds, params["window_days"], params["history_days"], params["test_days"])
-        missing = [f"{t}/dt={d}" for d in plan["wait"] for t in TABLES if not _partition_done(params["log_root"], t, d)]
+        p = params
+        plan = plan_days(ds, p["window_days"], p["click_horizon_days"], p["history_days"], p["test_days"])
+        done = lambda t, d: (Path(p["log_root"]) / t / f"dt={d}" / "_SUCCESS").exists()  # noqa: E731
+        missing = [f"{t}/dt={d}" for d in plan["wait"] for t in TABLES if not done(t, d)]
         if missing:
-            print(f"waiting for {len(missing)} partition(s) under {params['log_root']}: {', '.join(missing[:6])}")
+            print(f"waiting for {len(missing)} partition(s) under {p['log_root']}: {', '.join(missing[:6])}")
             return PokeReturnValue(is_done=False)
-        # The first days of a deployment have less history than history_days: start at the
-        # earliest day from which every impression day through the label day is complete.
+        # The first days of a deployment have less history: start where the impressions start.
         start = dt.date.fromisoformat(plan["end"])
-        while (start > dt.date.fromisoformat(plan["start"])
-               and _partition_done(params["log_root"], "impressions", (start - dt.timedelta(days=1)).isoformat())):
+        while start.isoformat() > plan["start"] and done("impressions", (start - dt.timedelta(days=1)).isoformat()):
             start -= dt.timedelta(days=1)
         if start.isoformat() >= plan["split_date"]:
-            raise AirflowFailException(
-                f"no training day: impression logs under {params['log_root']} start at {start}, "
-                f"the test split starts at {plan['split_date']} (ds={ds}, window_days={params['window_days']})"
-            )
-        plan["start"] = start.isoformat()
-        plan["data"] = str(Path(params["data_root"]) / plan["label_day"])
-        print(f"logs complete; shards for {plan['start']} .. {plan['end']}, test from {plan['split_date']}")
+            raise AirflowFailException(f"no training day: impressions under {p['log_root']} start at {start}, "
+                                       f"the test split at {plan['split_date']}")
+        name = f"{plan['label_day']}__{ray_jobs.safe(run_id)}"
+        plan.update(start=start.isoformat(), data=str(Path(p["data_root"]) / plan["label_day"]),
+                    candidate=str(Path(MODEL_ROOT) / "candidates" / name),
+                    production=production())  # pinned for the whole run
         return PokeReturnValue(is_done=True, xcom_value=plan)
 
     etl = EtlSubmit(
         task_id="etl",
         conn_id="spark_default",
-        application="{{ params.code_dir }}/jobs/etl.py",
-        properties_file="{{ params.code_dir }}/infra/spark/spark-defaults.conf",
+        application=str(REPO / "jobs" / "etl.py"),
+        properties_file=str(REPO / "infra" / "spark" / "spark-defaults.conf"),
         name="esmm-etl-{{ ds }}",
-        conf={
-            "spark.driver.memory": "{{ params.spark_driver_memory }}",
-            "spark.sql.shuffle.partitions": "{{ params.spark_shuffle_partitions }}",
-        },
-        application_args=[
-            "--logs", "{{ params.log_root }}",
-            "--out", _xplan("data"),
-            "--start", _xplan("start"),
-            "--end", _xplan("end"),
-            "--split-date", _xplan("split_date"),
-            "--window-days", "{{ params.window_days }}",
-            "--shards", "{{ params.shards }}",
-        ],
+        conf={"spark.driver.memory": "{{ params.spark_driver_memory }}",
+              "spark.sql.shuffle.partitions": "{{ params.spark_shuffle_partitions }}"},
+        application_args=["--logs", "{{ params.log_root }}", "--out", _plan("data"), "--start", _plan("start"),
+                          "--end", _plan("end"), "--split-date", _plan("split_date"),
+                          "--window-days", "{{ params.window_days }}",
+                          "--click-horizon-days", "{{ params.click_horizon_days }}",
+                          "--shards", "{{ params.shards }}"],
         outlets=[SHARDS],
         execution_timeout=dt.timedelta(hours=6),
         **RETRY,
     )
 
-    # Each stage hands the next one the run's state dict (plan + what it added), so the
-    # graph is the chain wait_for_logs >> etl >> train >> evaluate >> gate >> publish >> score.
+    # Every task reads the run's plan (days, paths, the production it started with) from
+    # wait_for_logs; the graph is the chain at the bottom.
     @task(execution_timeout=dt.timedelta(hours=12), **RETRY)
-    def train(params=None, run_id=None, ti=None) -> dict:
-        """ray job submit of ``python -m jobs.train``; adds the candidate model dir."""
+    def train(params=None, run_id=None, ti=None) -> None:
+        """Train the candidate on Ray; a retry stops the earlier try's job and resumes its checkpoints."""
         import logging
 
-        state = dict(ti.xcom_pull(task_ids="wait_for_logs"))
-        out = Path(params["model_root"]) / "candidates" / f"{state['label_day']}__{_safe(run_id)}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        args = ["python", "-m", *train_args(state["data"], str(out), params)]
-        if ti.try_number > 1 and (out / "checkpoint.pt").exists():
-            args.append("--resume")  # a retry continues the interrupted run instead of starting over
-        _ray_job(params, args, f"esmm-train-{_safe(run_id)}-{ti.try_number}", logging.getLogger("esmm.train"))
-        return {**state, "candidate": str(out)}
+        plan = ti.xcom_pull(task_ids="wait_for_logs")
+        ray_jobs.run("train", train_args(plan, params, ti.try_number), run_id, ti.try_number,
+                     conn_id=params["ray_conn_id"], working_dir=RAY_WORKING_DIR,
+                     log=logging.getLogger("esmm.train"), **ray_resources(params))
 
     @task(execution_timeout=dt.timedelta(hours=2), **RETRY)
-    def evaluate(state: dict, params=None, run_id=None, ti=None) -> dict:
-        """ray job submit of ``python -m jobs.evaluate`` on the test split (the latest days)."""
+    def evaluate(params=None, run_id=None, ti=None) -> None:
+        """Score production and the candidate on the same test rows (CANDIDATE/compare.json)."""
         import logging
 
-        from train import publish as pub
+        ray_jobs.run("evaluate", compare_args(ti.xcom_pull(task_ids="wait_for_logs")), run_id, ti.try_number,
+                     conn_id=params["ray_conn_id"], working_dir=RAY_WORKING_DIR,
+                     log=logging.getLogger("esmm.evaluate"), num_cpus=1)
 
-        cand = state["candidate"]
-        args = ["python", "-m", *evaluate_args(cand, state["data"], str(Path(cand) / pub.METRICS_FILE))]
-        _ray_job(params, args, f"esmm-evaluate-{_safe(run_id)}-{ti.try_number}", logging.getLogger("esmm.evaluate"))
-        return {**state, "metrics": pub.read_metrics(cand)}
+    @task.bash
+    def gate(params=None, ti=None) -> str:
+        """Exit 1 (no retry) when the candidate is worse than production beyond the interval."""
+        return shlex.join(publish_args(ti.xcom_pull(task_ids="wait_for_logs"), params, check=True))
 
-    @task
-    def gate(state: dict, params=None) -> dict:
-        """Fail (no retry) unless the candidate is within tolerance of production on both AUCs."""
-        from train import publish as pub
-
-        result = pub.check(state["candidate"], params["model_root"], float(params["tolerance"]))
-        if not result.passed:
-            raise AirflowFailException(result.message())
-        print(result.message())
-        return {**state, "gate": result.message()}
-
-    @task(outlets=[MODEL])
-    def publish(state: dict, params=None):
+    @task.bash(outlets=[MODEL])
+    def publish(params=None, ti=None, outlet_events=None) -> str:
         """Swap MODEL_ROOT/production to the candidate (the gate runs again right before the swap)."""
-        from train import publish as pub
+        import json
 
-        result = pub.publish(state["candidate"], params["model_root"], float(params["tolerance"]))
-        if not result.passed:  # production changed since the gate task ran
-            raise AirflowFailException(result.message())
-        prod = str(pub.production_dir(params["model_root"]))
-        yield Metadata(MODEL, {"path": prod, "label_day": state["label_day"], "metrics": result.candidate})
-        return {**state, "production": prod}
+        plan = ti.xcom_pull(task_ids="wait_for_logs")
+        cmp = json.loads((Path(plan["candidate"]) / "compare.json").read_text())
+        outlet_events[MODEL].extra = {"path": plan["candidate"], "label_day": plan["label_day"],
+                                      "metrics": {k: m["values"][-1] for k, m in cmp["metrics"].items()}}
+        return shlex.join(publish_args(plan, params, check=False))
 
-    @task
-    def score(state: dict, params=None, run_id=None, ti=None) -> str:
-        """Entire-space scoring with jobs/score.py when the shipped code has one; else skipped."""
+    @task(execution_timeout=dt.timedelta(hours=4), **RETRY)
+    def score(ds=None, params=None, run_id=None, ti=None) -> str:
+        """Score every impression of ds (the newest complete day) with the published model."""
         import logging
 
-        code = Path(params["ray_working_dir"] or params["code_dir"])
-        if not (code / "jobs" / "score.py").exists():
-            raise AirflowSkipException(f"no scoring job ({code}/jobs/score.py) in this build")
-        out = str(Path(state["data"]) / "scores")
-        args = ["python", "-m", "jobs.score", "--model", state["production"], "--data", state["data"], "--out", out]
-        _ray_job(params, args, f"esmm-score-{_safe(run_id)}-{ti.try_number}", logging.getLogger("esmm.score"))
-        return out
+        args = score_args(production(), params, ds)
+        ray_jobs.run("score", args, run_id, ti.try_number, conn_id=params["ray_conn_id"],
+                     working_dir=RAY_WORKING_DIR, log=logging.getLogger("esmm.score"), **ray_resources(params))
+        return args[args.index("--out") + 1]
 
-    trained = train()
-    wait_for_logs() >> etl >> trained
-    score(publish(gate(evaluate(trained))))
+    wait_for_logs() >> etl >> train() >> evaluate() >> gate() >> publish() >> score()
 
 
 esmm_daily()
