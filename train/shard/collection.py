@@ -104,6 +104,24 @@ class _FetchRows(torch.autograd.Function):
         return None, None, None
 
 
+class _GatherSingle(torch.autograd.Function):
+    """World size 1, every bag one value: one gather from the table straight into sample
+    order (no [U, dim] intermediate); backward sums each unique row's gradient once."""
+
+    @staticmethod
+    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, inverse, sample_gids):
+        ctx.emb, ctx.uniq, ctx.inverse = emb, uniq, inverse
+        return emb.rows.index_select(0, sample_gids)  # [B*F, dim]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.reshape(-1, grad.shape[-1])
+        # value order, as index_select's own backward sums (same floats as the two-gather path)
+        rows = grad.new_zeros(ctx.uniq.numel(), grad.shape[1]).index_add_(0, ctx.inverse, grad)
+        ctx.emb.pending_grads.append((ctx.uniq, rows, True))
+        return None, None, None, None, None
+
+
 class _PoolBags(torch.autograd.Function):
     """Weighted sum per bag over the unique rows; backward without embedding_bag's sort.
 
@@ -229,6 +247,8 @@ class ShardedEmbeddingCollection(nn.Module):
     def forward(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
         single = self.all_single(kjt)
+        if single and self.world == 1:
+            return self._forward_single_local(kjt)
         plan = self.input_dist(kjt, single)
         rows = _FetchRows.apply(self._dummy, self, plan)  # [U, dim], one per unique id
         if single:
@@ -242,6 +262,15 @@ class ShardedEmbeddingCollection(nn.Module):
             n = lengths.view(nF, B).clamp(min=1).to(pooled.dtype).unsqueeze(-1)
             pooled = torch.where(self.mean_mask.to(pooled.device).view(nF, 1, 1), pooled / n, pooled)
         return pooled.transpose(0, 1)  # [B, F, dim]
+
+    def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
+        B, nF = kjt.batch_size, len(self.fields)
+        # global ids in sample order [B, F]; unique's inverse then indexes the [B, F] output
+        gids = (kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)).t().reshape(-1)
+        uniq, inverse = torch.unique(gids, return_inverse=True)
+        if self.serve_log is not None:
+            self.serve_log.append(([uniq.numel()], uniq))
+        return _GatherSingle.apply(self._dummy, self, uniq, inverse, gids).view(B, nF, self.dim)
 
     # -- optimizer side --------------------------------------------------------
     def take_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
