@@ -106,20 +106,22 @@ class _FetchRows(torch.autograd.Function):
 
 class _GatherSingle(torch.autograd.Function):
     """World size 1, every bag one value: one gather from the table straight into sample
-    order (no [U, dim] intermediate); backward sums each unique row's gradient once."""
+    order (no [U, dim] intermediate). Backward sums each unique row's gradient once with an
+    embedding_bag over the gradient rows, grouped by the sort that deduplicated the ids
+    (``order``, ``starts``): the same sums, in the same order, as index_select's backward
+    (an index_add_), ~3x faster on CPU."""
 
     @staticmethod
-    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, inverse, sample_gids):
-        ctx.emb, ctx.uniq, ctx.inverse = emb, uniq, inverse
+    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, order, starts, sample_gids):
+        ctx.emb, ctx.uniq, ctx.order, ctx.starts = emb, uniq, order, starts
         return emb.rows.index_select(0, sample_gids)  # [B*F, dim]
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.reshape(-1, grad.shape[-1])
-        # value order, as index_select's own backward sums (same floats as the two-gather path)
-        rows = grad.new_zeros(ctx.uniq.numel(), grad.shape[1]).index_add_(0, ctx.inverse, grad)
+        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+        rows = F.embedding_bag(ctx.order, grad, ctx.starts, mode="sum")  # [U, dim]
         ctx.emb.pending_grads.append((ctx.uniq, rows, True))
-        return None, None, None, None, None
+        return None, None, None, None, None, None
 
 
 class _PoolBags(torch.autograd.Function):
@@ -267,10 +269,16 @@ class ShardedEmbeddingCollection(nn.Module):
         B, nF = kjt.batch_size, len(self.fields)
         # global ids in sample order [B, F]; unique's inverse then indexes the [B, F] output
         gids = (kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)).t().reshape(-1)
-        uniq, inverse = torch.unique(gids, return_inverse=True)
+        # dedup by one stable sort: the unique ids ascending (as torch.unique gives them), and
+        # for backward each one's positions in value order (order[starts[u]:starts[u+1]])
+        ids, order = gids.sort(stable=True)
+        first = torch.ones_like(ids, dtype=torch.bool)
+        torch.ne(ids[1:], ids[:-1], out=first[1:])
+        starts = first.nonzero().squeeze(1)
+        uniq = ids.index_select(0, starts)
         if self.serve_log is not None:
             self.serve_log.append(([uniq.numel()], uniq))
-        return _GatherSingle.apply(self._dummy, self, uniq, inverse, gids).view(B, nF, self.dim)
+        return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)
 
     # -- optimizer side --------------------------------------------------------
     def take_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
