@@ -115,6 +115,11 @@ def _fusable(towers) -> bool:
             and not any(isinstance(m, nn.Dropout) for n in nets for m in n))
 
 
+def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)``; a ReLU in place on the fresh matmul output (one [B, hidden] tensor less)."""
+    return torch.relu_(h) if type(module) is nn.ReLU else module(h)
+
+
 def fuse_shared_towers(dense: nn.Module) -> bool:
     """When every tower reads the same input (ESMM's shared embedding), run their first
     layers as one matmul: ``[B, in] @ [in, sum(hidden)]`` forward, one ``[B, sum(hidden)] @
@@ -138,11 +143,11 @@ def fuse_shared_towers(dense: nn.Module) -> bool:
             return inner(*xs)
         w = torch.cat([f.weight for f in firsts])  # [sum(hidden), in]
         b = torch.cat([f.bias for f in firsts])
-        hs = towers[0].net[1](torch.addmm(b, xs[0], w.t())).split(sizes, dim=1)
+        hs = _act(towers[0].net[1], torch.addmm(b, xs[0], w.t())).split(sizes, dim=1)
         outs = []
         for t, h in zip(towers, hs):
             for layer in t.net[2:]:
-                h = layer(h)
+                h = _act(layer, h) if not isinstance(layer, nn.Linear) else layer(h)
             outs.append(h.squeeze(-1))
         return tuple(outs)
 
