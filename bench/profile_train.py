@@ -128,37 +128,41 @@ def main(argv=None) -> int:
             return F.binary_cross_entropy_with_logits(ca, yb) - (yb * zb * lp + (1 - yb * zb)
                                                                  * torch.log(-torch.expm1(lp))).mean()
 
-    def steps(n):  # per step: seconds of each phase
+    def steps(n):  # per step: wall seconds of each phase, then process CPU seconds of each
+        clock = time.perf_counter
+        cpu = time.process_time  # all threads; on a loaded machine it counts work, not waiting
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0, c0 = clock(), cpu()
             b = next_batch()
-            t1 = time.perf_counter()
+            t1, c1 = clock(), cpu()
             loss = loss_of(b)
-            t2 = time.perf_counter()
+            t2, c2 = clock(), cpu()
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
-            t3 = time.perf_counter()
+            t3, c3 = clock(), cpu()
             for o in opts:
                 o.step()
-            t4 = time.perf_counter()
-            yield t1 - t0, t2 - t1, t3 - t2, t4 - t3
+            t4, c4 = clock(), cpu()
+            yield t1 - t0, t2 - t1, t3 - t2, t4 - t3, c1 - c0, c2 - c1, c3 - c2, c4 - c3
 
     import numpy as np
 
     for _ in steps(a.warmup):
         pass
     names = list(phases)
-    dts = np.array(list(steps(a.steps)))  # [steps, 4]
-    mins, meds = dts.min(0), np.median(dts, 0)
+    dts = np.array(list(steps(a.steps)))  # [steps, 8]
+    mins, meds = dts[:, :4].min(0), np.median(dts[:, :4], 0)
+    cmins, cmeds = dts[:, 4:].min(0), np.median(dts[:, 4:], 0)
     what = "plain loop (bench/train.py)" if a.plain else \
         "EmbeddingCollection + SparseAdam" if a.reference else "ShardedEmbeddingCollection(world 1) + lazy Adam"
     print(f"{a.steps} steps, batch 2048, {a.threads} threads, {what}; load avg {os.getloadavg()[0]:.1f}")
-    print(f"  {'phase':14s} {'min ms':>8s} {'median ms':>10s}")
-    for k, mn, md in zip(names, mins, meds):
-        print(f"  {k:14s} {1000 * mn:8.2f} {1000 * md:10.2f}")
-    print(f"  {'step':14s} {1000 * mins.sum():8.2f} {1000 * meds.sum():10.2f}   -> "
-          f"{2048 / mins.sum():,.0f} samples/s from the minima, {2048 / meds.sum():,.0f} from the medians")
+    print(f"  {'phase':14s} {'min ms':>8s} {'median ms':>10s} {'CPU min ms':>11s} {'CPU median ms':>14s}")
+    for k, mn, md, cmn, cmd in zip(names, mins, meds, cmins, cmeds):
+        print(f"  {k:14s} {1000 * mn:8.2f} {1000 * md:10.2f} {1000 * cmn:11.2f} {1000 * cmd:14.2f}")
+    print(f"  {'step':14s} {1000 * mins.sum():8.2f} {1000 * meds.sum():10.2f} {1000 * cmins.sum():11.2f} "
+          f"{1000 * cmeds.sum():14.2f}   -> {2048 / mins.sum():,.0f} samples/s from the wall minima, "
+          f"{2048 / meds.sum():,.0f} from the medians, {2048 / cmeds.sum():,.0f} per CPU-s (medians)")
     if a.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 
