@@ -10,7 +10,7 @@ machine. Then, with ``--torch-profile``, the self CPU time per step by kind of o
 (GEMM, embedding gathers/scatters, dedup, elementwise, ...) and the top operators.
 
     .venv/bin/python bench/profile_train.py --steps 40 [--torch-profile] [--plain]
-    PYTHONPATH=OLD_CHECKOUT .venv/bin/python bench/profile_train.py ...   # "before"
+    BENCH_CODE_ROOT=OLD_CHECKOUT .venv/bin/python bench/profile_train.py ...   # "before"
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+# BENCH_CODE_ROOT=OLD_CHECKOUT profiles another checkout's train/ (the "before" of a change)
+sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT") or str(HERE.parent))
 
 
 KINDS = [  # (kind, aten op names), first match wins
