@@ -49,6 +49,25 @@ FIELDS: list[tuple[str, int, float, str]] = [
     ("127_14", 40_000, 1.0, "user"),  # 14-day brand behaviour
     ("150_14", 30_000, 1.0, "user"),  # 14-day intention behaviour
 ]
+# vocab="real": the sizes of the real Ali-CCP fields (ESMM paper Table 1: ~0.4M users, ~4.3M
+# items; shop/brand/category as bench/aliccp.py writes them; the crosses and 14-day lists sized
+# like the field they cross or list; the small user-profile and context fields as above).
+# About 9.2M embedding rows in all, against ~0.7M for the default sizes.
+REAL_VOCAB = {"101": 400_000, "205": 4_300_000, "206": 10_000, "207": 400_000, "210": 100_000, "216": 200_000,
+              "508": 60_000, "509": 1_500_000, "702": 1_000_000, "853": 500_000,
+              "109_14": 10_000, "110_14": 400_000, "127_14": 200_000, "150_14": 100_000}
+VOCABS = ("bench", "real")
+
+
+def fields_for(vocab: str = "bench") -> list[tuple[str, int, float, str]]:
+    """FIELDS with the vocabulary sizes ``vocab`` names (bench | real)."""
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab must be one of {VOCABS}, got {vocab!r}")
+    if vocab == "bench":
+        return list(FIELDS)
+    return [(n, REAL_VOCAB.get(n, v), a, g) for n, v, a, g in FIELDS]
+
+
 NAMES = [f[0] for f in FIELDS]
 VOCAB = {f[0]: f[1] for f in FIELDS}
 GROUP = {f[0]: f[3] for f in FIELDS}
@@ -95,16 +114,19 @@ def _calibrate(logit: np.ndarray, rate: float) -> float:
     return (lo + hi) / 2
 
 
-def make(n_train: int = 1_000_000, n_test: int = 200_000, seed: int = 0) -> dict[str, Split]:
-    """Train and test splits drawn from one distribution (test rows come after train rows)."""
+def make(n_train: int = 1_000_000, n_test: int = 200_000, seed: int = 0, vocab: str = "bench") -> dict[str, Split]:
+    """Train and test splits drawn from one distribution (test rows come after train rows);
+    ``vocab`` picks the fields' vocabulary sizes (``fields_for``)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
-    ids = np.stack([_zipf_ids(rng, n, v, a) for _, v, a, _ in FIELDS], axis=1)
+    fields = fields_for(vocab)
+    sizes = {f[0]: f[1] for f in fields}
+    ids = np.stack([_zipf_ids(rng, n, v, a) for _, v, a, _ in fields], axis=1)
     col = {name: i for i, name in enumerate(NAMES)}
     click_logit = np.zeros(n)
     conv_logit = np.zeros(n)
     for name in sorted(set(CLICK_EFFECT) | set(CONV_EFFECT)):
-        v, sc, sv = VOCAB[name], CLICK_EFFECT.get(name, 0.0), CONV_EFFECT.get(name, 0.0)
+        v, sc, sv = sizes[name], CLICK_EFFECT.get(name, 0.0), CONV_EFFECT.get(name, 0.0)
         ce = rng.normal(0, 1, v)
         ve = rng.normal(0, 1, v)
         if sc and sv:  # the same id moves both: correlation SHARED between its two effects
@@ -125,7 +147,8 @@ def make(n_train: int = 1_000_000, n_test: int = 200_000, seed: int = 0) -> dict
 
 
 def write_shards(data: dict[str, Split], root: str, shards: int = 4,
-                 days: dict[str, str] | None = None, row_group: int = 65_536) -> str:
+                 days: dict[str, str] | None = None, row_group: int = 65_536, vocab: str = "bench",
+                 seed: int | None = None) -> str:
     """Writes ``data`` as ROOT/manifest.json + Parquet shards in the project's contract.
 
     Args:
@@ -134,6 +157,8 @@ def write_shards(data: dict[str, Split], root: str, shards: int = 4,
         shards (int): files per split.
         days (dict[str, str] | None): the ``dt=`` day per split.
         row_group (int): Parquet row group size.
+        vocab (str): the vocabulary sizes ``data`` was made with (``make(..., vocab=)``).
+        seed (int | None): ``make``'s seed, recorded so a bench can recompute the truth.
 
     Returns:
         str: the manifest's path.
@@ -177,7 +202,8 @@ def write_shards(data: dict[str, Split], root: str, shards: int = 4,
         "created_at": "2026-12-01T00:00:00Z",
         "inputs": {"kind": "bench", "logs": None, "truth": None, "start": None, "end": None,
                    "window_days": 7, "split_date": days["test"], "features": None},
-        "fields": [{"name": n, "kind": "single", "vocab_size": v, "group": g} for n, v, _, g in FIELDS],
+        "fields": [{"name": n, "kind": "single", "vocab_size": v, "group": g} for n, v, _, g in fields_for(vocab)],
+        "bench": {"vocab": vocab, "seed": seed},
         "splits": splits,
         "read": {"impressions": sum(len(s) for s in data.values()),
                  "clicks": sum(int(s.click.sum()) for s in data.values()),
@@ -261,11 +287,13 @@ if __name__ == "__main__":
     ap.add_argument("--test-rows", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--vocab", choices=VOCABS, default="bench",
+                    help="field vocabulary sizes: bench (~0.7M rows) or real (Ali-CCP's, ~9.2M rows)")
     a = ap.parse_args()
     t = time.time()
-    d = make(a.rows, a.test_rows, a.seed)
+    d = make(a.rows, a.test_rows, a.seed, a.vocab)
     t1 = time.time()
-    write_shards(d, a.out, a.shards)
+    write_shards(d, a.out, a.shards, vocab=a.vocab, seed=a.seed)
     tr = d["train"]
     print(f"generated in {t1 - t:.1f}s, written in {time.time() - t1:.1f}s: {len(tr)} train rows, "
           f"CTR {tr.click.mean():.4f}, CVR|click {tr.conversion[tr.click == 1].mean():.4f}")

@@ -109,6 +109,22 @@ class FieldColumn:
     values: torch.Tensor  # int64 [N]
     offsets: torch.Tensor  # int64 [n+1]
     weights: torch.Tensor | None  # float32 [N] for weighted fields, else None (= 1)
+    _one_per_row: bool | None = None  # cache of one_per_row()
+
+    def one_per_row(self) -> bool:
+        """Every bag holds exactly one value (offsets 0, 1, ..., n): rows gather without take_bags."""
+        if self._one_per_row is None:
+            n = self.offsets.numel() - 1
+            self._one_per_row = self.values.numel() == n and bool(
+                torch.equal(self.offsets, torch.arange(n + 1, dtype=self.offsets.dtype)))
+        return self._one_per_row
+
+    def take(self, rows: torch.Tensor) -> "FieldColumn":
+        """Bags ``rows`` (any order, repeats allowed), offsets from 0."""
+        if self.one_per_row():
+            w = None if self.weights is None else self.weights[rows]
+            return FieldColumn(self.values[rows], torch.arange(rows.numel() + 1), w, True)
+        return FieldColumn(*take_bags(self.values, self.offsets, rows, self.weights))
 
 
 def field_column(table, f: FieldConfig) -> FieldColumn:
@@ -144,10 +160,15 @@ def collate(columns: list[FieldColumn], keys: list[str], click, conversion) -> B
     """Per-field bags (each starting at offset 0, same row count) -> one field-major Batch."""
     B = click.numel()
     values = torch.cat([c.values for c in columns])
-    bases = torch.tensor([0] + [c.values.numel() for c in columns]).cumsum(0)
-    offsets = torch.cat([c.offsets[:-1] + bases[i] for i, c in enumerate(columns)] + [bases[-1:]])
-    weights = torch.cat([c.weights if c.weights is not None else torch.ones(c.values.numel())
-                         for c in columns])
+    if all(c.values.numel() == B and c._one_per_row for c in columns):  # one value per bag
+        offsets = torch.arange(values.numel() + 1)
+    else:
+        bases = torch.tensor([0] + [c.values.numel() for c in columns]).cumsum(0)
+        offsets = torch.cat([c.offsets[:-1] + bases[i] for i, c in enumerate(columns)] + [bases[-1:]])
+    weights = None  # no weighted field: every weight is 1, no all-ones tensor to build and scan
+    if any(c.weights is not None for c in columns):
+        weights = torch.cat([c.weights if c.weights is not None else torch.ones(c.values.numel())
+                             for c in columns])
     return Batch(KeyedJagged(keys, values, offsets, weights, B), click, conversion)
 
 
@@ -175,7 +196,7 @@ class Columns:
 
     def take(self, rows: torch.Tensor) -> "Columns":
         """Rows ``rows`` (any order, repeats allowed) as a new Columns."""
-        cols = [FieldColumn(*take_bags(c.values, c.offsets, rows, c.weights)) for c in self.columns]
+        cols = [c.take(rows) for c in self.columns]
         sid = None if self.sample_id is None else self.sample_id[rows.numpy()]
         w = None if self.weight is None else self.weight[rows]
         return Columns(self.fields, cols, self.click[rows], self.conversion[rows], sid, w)
@@ -186,7 +207,7 @@ class Columns:
         for c in self.columns:
             lo, hi = int(c.offsets[start]), int(c.offsets[stop])
             cols.append(FieldColumn(c.values[lo:hi], c.offsets[start:stop + 1] - lo,
-                                    None if c.weights is None else c.weights[lo:hi]))
+                                    None if c.weights is None else c.weights[lo:hi], c._one_per_row))
         b = collate(cols, [f.name for f in self.fields], self.click[start:stop], self.conversion[start:stop])
         if self.weight is not None:
             b.weight = self.weight[start:stop]
@@ -200,11 +221,21 @@ class Columns:
                 start_step: int = 0, drop_last: bool = False) -> Iterator[Batch]:
         """Batches of one epoch; with ``shuffle`` the order is a function of (seed, epoch),
         so ``start_step=k`` resumes exactly where step k of the same epoch began."""
-        src = self.take(self.permutation(seed, epoch)) if shuffle else self
-        n = len(src)
+        n = len(self)
         stop = n - n % batch_size if drop_last else n
+        # shuffled batches gather their rows from the split (no copy of the whole split per epoch)
+        perm = self.permutation(seed, epoch) if shuffle else None
         for s in range(start_step * batch_size, stop, batch_size):
-            yield src.slice(s, min(s + batch_size, n))
+            e = min(s + batch_size, n)
+            yield self.slice(s, e) if perm is None else self.gather(perm[s:e])
+
+    def gather(self, rows: torch.Tensor) -> Batch:
+        """Rows ``rows`` as a Batch: the batch ``take(rows).slice(0, len(rows))`` gives."""
+        cols = [c.take(rows) for c in self.columns]
+        b = collate(cols, [f.name for f in self.fields], self.click[rows], self.conversion[rows])
+        if self.weight is not None:
+            b.weight = self.weight[rows]
+        return b
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)

@@ -1,20 +1,29 @@
-"""The GPU path's three habits: pinned host batches, bf16 towers, fp32 embedding rows.
+"""Devices and tower precision: pinned host batches, bf16 towers, fp32 embedding rows.
 
 - ``to_device(batch, device)``: pins the host tensors, then copies them with
   ``non_blocking=True`` (the copy overlaps the previous step's kernels).
 - ``bf16_towers(dense)``: the dense towers run under ``torch.autocast(bfloat16)``; their
   outputs come back as fp32, so losses (log-space products of sigmoids) stay in fp32.
   The embedding rows and their optimizer state stay fp32: only ``model.dense`` is cast.
-Both are no-ops on CPU unless asked (``bf16_towers(m, "cpu")`` is how tests reach it).
+- ``resolve_tower_precision("auto"|"fp32"|"bf16", device_type)``: ``auto`` is bf16 on GPU
+  and on CPUs with avx512_bf16 or AMX (bf16 matmuls in hardware), fp32 elsewhere.
+- ``prepare_towers(model, precision, device_type)``: what a trainer calls once after
+  building the model: fuses shared towers' first layers (``fuse_shared_towers``),
+  resolves the precision, prints it, applies bf16 autocast when it resolves to bf16.
 """
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import nn
 
+from train.errors import InputError
 from train.jagged import Batch, KeyedJagged
+
+TOWER_PRECISIONS = ("auto", "fp32", "bf16")
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmuls
 
 
 def _move(t: torch.Tensor | None, device: torch.device, pin: bool) -> torch.Tensor | None:
@@ -62,3 +71,99 @@ def bf16_towers(dense: nn.Module, device_type: str = "cuda") -> nn.Module:
 
     dense.forward = forward
     return dense
+
+
+def cpu_bf16_flag() -> str | None:
+    """The first of BF16_CPU_FLAGS this CPU has (Linux /proc/cpuinfo), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return next((fl for fl in BF16_CPU_FLAGS if fl in have), None)
+    except OSError:
+        pass
+    return None
+
+
+def resolve_tower_precision(precision: str | None, device_type: str = "cpu") -> tuple[str, str]:
+    """(``fp32`` | ``bf16``, why) for EsmmConfig.tower_precision on ``device_type``."""
+    precision = precision or "auto"
+    if precision not in TOWER_PRECISIONS:
+        raise InputError(f"tower_precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision, "as set"
+    if device_type == "cuda":
+        return "bf16", "auto: GPU"
+    flag = cpu_bf16_flag()
+    if flag:
+        return "bf16", f"auto: this CPU has {flag}"
+    return "fp32", "auto: this CPU has no avx512_bf16 or AMX"
+
+
+def _fusable(towers) -> bool:
+    """Towers that are MLPs (Linear, activation, ..., Linear) with the same input size and a
+    parameter-free activation after their first layer (no dropout anywhere)."""
+    acts = (nn.ReLU, nn.GELU, nn.SiLU)
+    nets = [getattr(t, "net", None) for t in towers]
+    if len(nets) < 2 or not all(isinstance(n, nn.Sequential) and len(n) >= 3 for n in nets):
+        return False
+    first = [n[0] for n in nets]
+    return (all(isinstance(f, nn.Linear) and f.bias is not None for f in first)
+            and len({f.in_features for f in first}) == 1
+            and all(type(n[1]) in acts and type(n[1]) is type(nets[0][1]) for n in nets)
+            and not any(isinstance(m, nn.Dropout) for n in nets for m in n))
+
+
+def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)``; a ReLU in place on the fresh matmul output (one [B, hidden] tensor less)."""
+    return torch.relu_(h) if type(module) is nn.ReLU else module(h)
+
+
+def fuse_shared_towers(dense: nn.Module) -> bool:
+    """When every tower reads the same input (ESMM's shared embedding), run their first
+    layers as one matmul: ``[B, in] @ [in, sum(hidden)]`` forward, one ``[B, sum(hidden)] @
+    [sum(hidden), in]`` for the input's gradient backward (larger, faster GEMMs than one per
+    tower). Same parameters and state-dict keys; outputs equal up to float rounding. Only in
+    training mode and without hooks on the towers; anything else takes the module's own
+    forward. Returns whether the towers qualified."""
+    towers = getattr(dense, "towers", None)
+    if towers is None or not _fusable(list(towers)):
+        return False
+    inner = dense.forward
+    firsts = [t.net[0] for t in towers]
+    sizes = [f.out_features for f in firsts]
+
+    def hooked() -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in dense.modules())
+
+    @functools.wraps(inner)
+    def forward(*xs):
+        if not dense.training or len(xs) != len(firsts) or any(x is not xs[0] for x in xs) or hooked():
+            return inner(*xs)
+        w = torch.cat([f.weight for f in firsts])  # [sum(hidden), in]
+        b = torch.cat([f.bias for f in firsts])
+        hs = _act(towers[0].net[1], torch.addmm(b, xs[0], w.t())).split(sizes, dim=1)
+        outs = []
+        for t, h in zip(towers, hs):
+            for layer in t.net[2:]:
+                h = _act(layer, h) if not isinstance(layer, nn.Linear) else layer(h)
+            outs.append(h.squeeze(-1))
+        return tuple(outs)
+
+    dense.forward = forward
+    return True
+
+
+def prepare_towers(model: nn.Module, precision: str | None = "auto", device_type: str = "cpu",
+                   announce: bool = True) -> str:
+    """Fuse shared towers, resolve ``precision`` (auto | fp32 | bf16) for ``device_type``,
+    print it (stderr, one line) and run ``model.dense`` under bf16 autocast when it is bf16.
+    Returns the resolved precision."""
+    resolved, why = resolve_tower_precision(precision, device_type)
+    fuse_shared_towers(model.dense)
+    if resolved == "bf16":
+        bf16_towers(model.dense, device_type)
+    if announce:
+        print(f"esmm: tower precision {resolved} ({why})", file=sys.stderr, flush=True)
+    return resolved

@@ -5,7 +5,8 @@ Layout (field-major, like TorchRec's KeyedJaggedTensor)::
     keys     = ["user_id", "hist"]            F = 2 fields, B = 3 rows
     values   = [u0 u1 u2 | h0 h1 h2 h3]       ids, local to each field's table
     offsets  = [0 1 2 3 5 5 7]                len F*B+1: bag (f, b) is values[offsets[f*B+b]:offsets[f*B+b+1]]
-    weights  = [1 1 1 | .5 2 1 1]             1.0 for unweighted fields
+    weights  = [1 1 1 | .5 2 1 1]             1.0 for unweighted fields; None when no field
+                                              is weighted (every weight 1)
 
 Row 1 has no "hist" ids (an empty bag pools to zeros).
 """
@@ -21,7 +22,7 @@ class KeyedJagged:
     keys: list[str]
     values: torch.Tensor  # int64 [N]
     offsets: torch.Tensor  # int64 [F*B + 1]
-    weights: torch.Tensor  # float32 [N]
+    weights: torch.Tensor | None  # float32 [N]; None = every weight 1
     batch_size: int
 
     def lengths(self) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from train.baselines import NEEDS_CTR_MODEL, OWN_CTR, build_model
 from train.config import resolve
 from train.data import Columns, load_manifest, load_split, manifest_fields
-from train.device import to_device
+from train.device import prepare_towers, to_device
 from train.embedding import FieldConfig
 from train.errors import InputError
 from train.evaluate import predict, read_truth, score, truth_dir
@@ -77,12 +77,7 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
         train, val = train.split_off(train_cfg.val_fraction)
     torch.manual_seed(train_cfg.seed)
     model = build_model(name, train.fields, model_cfg, embedding_factory)
-    if model_cfg.tower_precision == "bf16":
-        from train.device import bf16_towers
-
-        bf16_towers(model.dense, "cpu")
-    elif model_cfg.tower_precision != "fp32":
-        raise InputError(f"tower_precision must be fp32 or bf16, got {model_cfg.tower_precision!r}")
+    prepare_towers(model, model_cfg.tower_precision, "cpu")  # auto | fp32 | bf16; fuses shared towers
     if name in NEEDS_CTR_MODEL:
         if ctr_model is None:  # standalone `esmm train --model unbias`: train its CTR network first
             ctr_model, _ = train_model("ctr", train, model_cfg, train_cfg, val, None, embedding_factory,

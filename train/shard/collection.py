@@ -104,6 +104,26 @@ class _FetchRows(torch.autograd.Function):
         return None, None, None
 
 
+class _GatherSingle(torch.autograd.Function):
+    """World size 1, every bag one value: one gather from the table straight into sample
+    order (no [U, dim] intermediate). Backward sums each unique row's gradient once with an
+    embedding_bag over the gradient rows, grouped by the sort that deduplicated the ids
+    (``order``, ``starts``): the same sums, in the same order, as index_select's backward
+    (an index_add_), ~3x faster on CPU."""
+
+    @staticmethod
+    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, order, starts, sample_gids):
+        ctx.emb, ctx.uniq, ctx.order, ctx.starts = emb, uniq, order, starts
+        return emb.rows.index_select(0, sample_gids)  # [B*F, dim]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+        rows = F.embedding_bag(ctx.order, grad, ctx.starts, mode="sum")  # [U, dim]
+        ctx.emb.pending_grads.append((ctx.uniq, rows, True))
+        return None, None, None, None, None, None
+
+
 class _PoolBags(torch.autograd.Function):
     """Weighted sum per bag over the unique rows; backward without embedding_bag's sort.
 
@@ -229,6 +249,8 @@ class ShardedEmbeddingCollection(nn.Module):
     def forward(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
         single = self.all_single(kjt)
+        if single and self.world == 1:
+            return self._forward_single_local(kjt)
         plan = self.input_dist(kjt, single)
         rows = _FetchRows.apply(self._dummy, self, plan)  # [U, dim], one per unique id
         if single:
@@ -242,6 +264,21 @@ class ShardedEmbeddingCollection(nn.Module):
             n = lengths.view(nF, B).clamp(min=1).to(pooled.dtype).unsqueeze(-1)
             pooled = torch.where(self.mean_mask.to(pooled.device).view(nF, 1, 1), pooled / n, pooled)
         return pooled.transpose(0, 1)  # [B, F, dim]
+
+    def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
+        B, nF = kjt.batch_size, len(self.fields)
+        # global ids in sample order [B, F]; unique's inverse then indexes the [B, F] output
+        gids = (kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)).t().reshape(-1)
+        # dedup by one stable sort: the unique ids ascending (as torch.unique gives them), and
+        # for backward each one's positions in value order (order[starts[u]:starts[u+1]])
+        ids, order = gids.sort(stable=True)
+        first = torch.ones_like(ids, dtype=torch.bool)
+        torch.ne(ids[1:], ids[:-1], out=first[1:])
+        starts = first.nonzero().squeeze(1)
+        uniq = ids.index_select(0, starts)
+        if self.serve_log is not None:
+            self.serve_log.append(([uniq.numel()], uniq))
+        return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)
 
     # -- optimizer side --------------------------------------------------------
     def take_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -118,31 +118,54 @@ class LazyAdam(RowWiseOptimizer):
         self.b1, self.b2 = float(betas[0]), float(betas[1])
         self.bias_correction = bias_correction
         n, d, dev = emb.rows.shape[0], emb.rows.shape[1], emb.rows.device
-        self.row_state["exp_avg"] = torch.zeros(n, d, dtype=torch.float32, device=dev)
-        self.row_state["exp_avg_sq"] = torch.zeros(n, d, dtype=torch.float32, device=dev)
+        self._alloc(torch.zeros(n, 2, d, dtype=torch.float32, device=dev),
+                    torch.zeros(n, dtype=torch.int32, device=dev))
+
+    def _alloc(self, mv: torch.Tensor, row_step: torch.Tensor) -> None:
+        # m and v side by side ([n, 2, dim]): one gather and one scatter per step for both;
+        # the state dict still names them apart (views of this one tensor)
+        self.mv = mv
+        self.row_state["exp_avg"], self.row_state["exp_avg_sq"] = mv[:, 0], mv[:, 1]
         # per-row update counts (used by "row" bias correction; kept in both modes so a
         # checkpoint can switch modes)
-        self.row_state["row_step"] = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.row_state["row_step"] = row_step
+        self._scale = None
+
+    def to(self, device: torch.device | str) -> "LazyAdam":
+        self._alloc(self.mv.to(device), self.row_state["row_step"].to(device))
+        return self
 
     def hparams(self) -> dict:
         return {**super().hparams(), "betas": (self.b1, self.b2), "bias_correction": self.bias_correction}
 
+    def _row_scale(self, k: torch.Tensor) -> torch.Tensor:
+        """-lr * sqrt(1 - b2^k) / (1 - b1^k) per row, looked up in a table computed once in
+        float64 (the same values a per-step float64 pow gives). Past the table's end both
+        powers are below float64's resolution next to 1, so its last entry is exact there."""
+        key = (self.lr, self.b1, self.b2)
+        if self._scale is None or self._scale_key != key:
+            big = max(self.b1, self.b2)  # big^(n-1) < 2^-60: 1 - it rounds to 1 in float64
+            n = 2 if big <= 0.0 else min(int(math.ceil(-60.0 * math.log(2.0) / math.log(big))) + 2, 1 << 22)
+            t = torch.arange(n, dtype=torch.float64).clamp_(min=1)
+            table = (1.0 - torch.pow(self.b2, t)).sqrt_().div_(1.0 - torch.pow(self.b1, t)).mul_(-self.lr)
+            self._scale, self._scale_key = table.to(torch.float32).to(self.mv.device), key
+        return self._scale[k.clamp(max=self._scale.numel() - 1)]
+
     def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
-        m, v, t = self.row_state["exp_avg"], self.row_state["exp_avg_sq"], self.row_state["row_step"]
-        mi = m.index_select(0, idx).lerp_(grad, 1.0 - self.b1)  # b1*m + (1-b1)*g
-        vi = v.index_select(0, idx).mul_(self.b2).addcmul_(grad, grad, value=1.0 - self.b2)
-        m.index_copy_(0, idx, mi)
-        v.index_copy_(0, idx, vi)
+        t = self.row_state["row_step"]
+        mv = self.mv.index_select(0, idx)  # [n, 2, dim]: the touched rows' m and v, one gather
+        mi, vi = mv[:, 0], mv[:, 1]
+        mi.lerp_(grad, 1.0 - self.b1)  # b1*m + (1-b1)*g
+        vi.mul_(self.b2).addcmul_(grad, grad, value=1.0 - self.b2)
+        self.mv.index_copy_(0, idx, mv)  # one scatter
         ti = t.index_select(0, idx).add_(1)
         t.index_copy_(0, idx, ti)
-        upd = mi.div_(vi.sqrt_().add_(self.eps))  # m / (sqrt(v) + eps), in place on the copies
+        upd = torch.div(mi, vi.sqrt().add_(self.eps))  # m / (sqrt(v) + eps)
         if self.bias_correction == "global":
             k = self.step_count
             upd.mul_(-self.lr * math.sqrt(1.0 - self.b2**k) / (1.0 - self.b1**k))
         else:
-            k = ti.to(torch.float64)
-            scale = (1.0 - torch.pow(self.b2, k)).sqrt_().div_(1.0 - torch.pow(self.b1, k)).mul_(-self.lr)
-            upd.mul_(scale.to(upd.dtype).unsqueeze(1))
+            upd.mul_(self._row_scale(ti).unsqueeze(1))
         self.emb.rows.index_add_(0, idx, upd)  # no alpha=: the alpha path is ~10x slower on CPU
 
 

@@ -1,0 +1,125 @@
+"""The training step's fast paths (issue 14) give what the plain definitions give:
+lazy Adam's bias-correction table, shuffled batches gathered per batch, fused shared
+towers, and the tower precision ``auto`` resolves to."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from train import device as dev
+from train.data import Columns, FieldColumn
+from train.embedding import FieldConfig
+from train.errors import InputError
+from train.jagged import take_bags
+from train.model import ESMM, EsmmConfig
+from train.shard import ShardedEmbeddingCollection
+
+
+def test_row_bias_correction_table_equals_float64_pow():
+    emb = ShardedEmbeddingCollection([FieldConfig("a", "single", 3)], 2)
+    opt = emb.make_optimizer({"sparse_lr": 3e-3, "betas": (0.9, 0.999)})
+    k = torch.cat([torch.arange(1, 50_000), torch.tensor([10**6, 2**31 - 1])]).to(torch.int32)
+    kd = k.to(torch.float64)
+    want = ((1.0 - torch.pow(0.999, kd)).sqrt_().div_(1.0 - torch.pow(0.9, kd)).mul_(-3e-3)).to(torch.float32)
+    assert torch.equal(opt._row_scale(k), want)
+    assert opt._scale.numel() < 50_000  # the table ends where both powers stop mattering
+
+
+def _columns(n: int = 50) -> Columns:
+    g = torch.Generator().manual_seed(0)
+    fields = [FieldConfig("u", "single", 9), FieldConfig("hist", "multi", 7), FieldConfig("w", "weighted", 5)]
+    single = FieldColumn(torch.randint(0, 9, (n,), generator=g), torch.arange(n + 1), None)
+    lens = torch.randint(0, 4, (n,), generator=g)
+    off = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    multi = FieldColumn(torch.randint(0, 7, (int(off[-1]),), generator=g), off, None)
+    wvals = torch.randint(0, 5, (int(off[-1]),), generator=g)
+    weighted = FieldColumn(wvals, off.clone(), torch.rand(int(off[-1]), generator=g))
+    click = (torch.rand(n, generator=g) < 0.5).float()
+    return Columns(fields, [single, multi, weighted], click, click * (torch.rand(n, generator=g) < 0.5).float(),
+                   weight=torch.rand(n, generator=g))
+
+
+def test_shuffled_batches_equal_slices_of_the_permuted_split():
+    cols = _columns()
+    perm = cols.permutation(seed=3, epoch=1)
+    # the definition: a permuted copy of the whole split, sliced
+    moved = [FieldColumn(*take_bags(c.values, c.offsets, perm, c.weights)) for c in cols.columns]
+    whole = Columns(cols.fields, moved, cols.click[perm], cols.conversion[perm], None, cols.weight[perm])
+    want = list(whole.batches(16))
+    got = list(cols.batches(16, shuffle=True, seed=3, epoch=1))
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert torch.equal(a.features.values, b.features.values)
+        assert torch.equal(a.features.offsets, b.features.offsets)
+        assert torch.equal(a.features.weights, b.features.weights)
+        for k in ("click", "conversion", "weight"):
+            assert torch.equal(getattr(a, k), getattr(b, k))
+    assert list(cols.batches(16, shuffle=True, seed=3, epoch=1, start_step=2))[0].features.values.equal(
+        got[2].features.values)
+
+
+def test_unweighted_batches_carry_no_weights_and_single_fields_unit_offsets():
+    cols = _columns()
+    only = Columns(cols.fields[:1], cols.columns[:1], cols.click, cols.conversion)
+    b = next(only.batches(16, shuffle=True, seed=1))
+    assert b.features.weights is None
+    assert torch.equal(b.features.offsets, torch.arange(17))
+    assert torch.equal(b.features.values, cols.columns[0].values[cols.permutation(1, 0)[:16]])
+
+
+def _esmm():
+    torch.manual_seed(0)
+    fields = [FieldConfig(f"f{i}", "single", 30) for i in range(5)]
+    return ESMM(fields, EsmmConfig(dim=6, hidden=(20, 7)))
+
+
+def test_fused_towers_equal_separate_towers():
+    m = _esmm()
+    fused = copy.deepcopy(m)
+    assert dev.fuse_shared_towers(fused.dense)
+    x = torch.randn(64, 30, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = m.dense(x, x), fused.dense(x2, x2)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+    (a[0].sum() + 2 * a[1].sum()).backward()
+    (b[0].sum() + 2 * b[1].sum()).backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for (k, p), q in zip(m.dense.named_parameters(), fused.dense.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    assert fused.dense.state_dict().keys() == m.dense.state_dict().keys()
+
+
+def test_fused_towers_leave_eval_hooks_and_unshared_inputs_to_the_modules():
+    m = _esmm()
+    dev.fuse_shared_towers(m.dense)
+    seen = []
+    h = m.dense.towers[1].net[0].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    x = torch.randn(8, 30)
+    m.dense(x, x)  # training mode, but a hook: the modules run
+    assert seen == [(8, 20)]
+    h.remove()
+    m.eval()
+    calls = []
+    h = m.dense.towers[0].net[0].register_forward_pre_hook(lambda mod, i: calls.append(1))
+    m.dense(x, x)
+    h.remove()
+    m.train()
+    m.dense(x, x.clone())  # two different inputs (ESMM-NS): no fusion, same answer as the modules
+    assert calls == [1]
+    assert not dev.fuse_shared_towers(ESMM([FieldConfig("a", "single", 3)],
+                                           EsmmConfig(dim=2, hidden=(4,), dropout=0.1)).dense)
+
+
+def test_tower_precision_auto_follows_the_hardware(monkeypatch):
+    assert dev.resolve_tower_precision("fp32", "cuda")[0] == "fp32"
+    assert dev.resolve_tower_precision("bf16", "cpu")[0] == "bf16"
+    assert dev.resolve_tower_precision("auto", "cuda")[0] == "bf16"
+    monkeypatch.setattr(dev, "cpu_bf16_flag", lambda: None)
+    assert dev.resolve_tower_precision("auto", "cpu") == ("fp32", "auto: this CPU has no avx512_bf16 or AMX")
+    monkeypatch.setattr(dev, "cpu_bf16_flag", lambda: "amx_bf16")
+    assert dev.resolve_tower_precision(None, "cpu") == ("bf16", "auto: this CPU has amx_bf16")
+    with pytest.raises(InputError, match="tower_precision must be auto, fp32 or bf16, got 'fp16'"):
+        dev.resolve_tower_precision("fp16")
