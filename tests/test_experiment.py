@@ -58,6 +58,32 @@ def test_experiment_end_to_end(data, tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_new_models_knob_grid_ece_and_reliability_plots(data, tmp_path):
+    """escm2-ips / escm2-dr / dcmt run through the protocol; AMAN's rate is picked from its
+    grid by validation CVR AUC (the argmax, reported); ECE is the count-weighted gap of
+    the reliability curve; one reliability plot per model."""
+    from train.config import resolve
+    from train.experiment import GRIDS, run_experiment
+
+    model_cfg, train_cfg = resolve(None, ["dim=4", "hidden=16,8", "threads=1"], epochs=1, batch_size=256)
+    models = ["aman", "escm2-ips", "escm2-dr", "dcmt", "esmm"]
+    report = run_experiment(str(data), str(tmp_path / "r"), models, 1, model_cfg, train_cfg,
+                            progress=False, log=lambda _: None)
+    p = report["picked"]["aman"]
+    aucs = {float(k): v for k, v in p["validation_cvr_auc"].items()}
+    assert p["knob"] == "aman_rate" and sorted(aucs) == sorted(GRIDS["aman"][1])
+    assert p["picked"] == max(aucs, key=aucs.get)
+    for name in models:
+        m = report["per_seed"][name][0]
+        c = m["entire_cvr_calibration"]
+        hand = sum(b["n"] * abs(b["pred"] - b["observed"]) for b in c["curve"]) / sum(b["n"] for b in c["curve"])
+        assert c["ece"] == pytest.approx(hand, rel=1e-12) and m["ctcvr_pctr"] == "ctr model"
+        assert report["summary"][name]["entire_cvr_ece"]["values"] == [c["ece"]]
+        assert (tmp_path / "r" / f"reliability-{name}.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| ESCM²-DR |" in md and "| DCMT |" in md and "aman_rate = " in md
+
+
 def test_ctcvr_is_own_pcvr_times_the_ctr_networks_pctr():
     """score(): ctcvr_* = pCVR x the independent pCTR even for a model with its own pCTCVR,
     own_ctcvr_* = the model's own product; checked against AUCs computed by hand."""
