@@ -32,6 +32,7 @@ KINDS = [  # (kind, aten op names), first match wins
                                   "aten::index", "aten::index_put_", "aten::embedding_bag", "aten::_embedding_bag",
                                   "aten::embedding_dense_backward", "aten::_embedding_bag_backward",
                                   "aten::_embedding_bag_dense_backward", "aten::embedding",
+                                  "aten::_embedding_bag_forward_only",
                                   "aten::_sparse_coo_tensor_with_dims_and_tensors", "aten::index_add")),
     ("dedup / sort (unique, coalesce)", ("aten::_unique2", "aten::unique_dim", "aten::sort", "aten::coalesce",
                                          "aten::_coalesce", "aten::argsort", "aten::unique_consecutive")),

@@ -229,10 +229,28 @@ class Columns:
             e = min(s + batch_size, n)
             yield self.slice(s, e) if perm is None else self.gather(perm[s:e])
 
+    def _single_grid(self) -> torch.Tensor | None:
+        """[F, n] ids when every field holds one unweighted value per row (Ali-CCP's 23
+        fields), built once; the columns' values become its rows (no second copy)."""
+        if "_grid" not in self.__dict__:
+            grid = None
+            if self.columns and all(c.weights is None and c.one_per_row() for c in self.columns):
+                grid = torch.stack([c.values for c in self.columns])
+                for f, c in enumerate(self.columns):
+                    c.values = grid[f]
+            self.__dict__["_grid"] = grid
+        return self.__dict__["_grid"]
+
     def gather(self, rows: torch.Tensor) -> Batch:
         """Rows ``rows`` as a Batch: the batch ``take(rows).slice(0, len(rows))`` gives."""
-        cols = [c.take(rows) for c in self.columns]
-        b = collate(cols, [f.name for f in self.fields], self.click[rows], self.conversion[rows])
+        keys = [f.name for f in self.fields]
+        grid = self._single_grid()
+        if grid is not None:  # one gather for all fields, already field-major
+            values = grid.index_select(1, rows).view(-1)
+            kjt = KeyedJagged(keys, values, torch.arange(values.numel() + 1), None, rows.numel())
+            b = Batch(kjt, self.click[rows], self.conversion[rows])
+        else:
+            b = collate([c.take(rows) for c in self.columns], keys, self.click[rows], self.conversion[rows])
         if self.weight is not None:
             b.weight = self.weight[rows]
         return b
