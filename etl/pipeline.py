@@ -153,7 +153,8 @@ def extract(spark, logs: str, start: str | None, end: str | None, window_days: f
         if oc_days:
             oc = read_table(spark, logs, "clicks", oc_days, folders["clicks"], columns=["click_id"]).df
         if oi is None and oc is None:
-            oi = spark.createDataFrame([], "impression_id string, _dt string")
+            oi = spark.range(0).select(F.lit(None).cast("string").alias("impression_id"),
+                                       F.lit(None).cast("string").alias("_dt"))  # no Python worker
     return Extracted(tables, oi, oc, imp_days)
 
 

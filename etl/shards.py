@@ -160,9 +160,12 @@ def _recover_and_clean(spark, out: str) -> None:
             fs.delete(spark, full)
 
 
-def _empty_template(spark, schema: T.StructType, where: str) -> str:
-    """Write a zero-row Parquet file with ``schema``; return its path."""
-    spark.createDataFrame([], schema).coalesce(1).write.mode("overwrite").parquet(where)
+def _empty_template(spark, like: DataFrame, where: str) -> str:
+    """Write a zero-row Parquet file with the schema of ``like``; return its path.
+
+    ``limit(0)`` plans to an empty local relation: no scan and no Python worker.
+    """
+    like.limit(0).coalesce(1).write.mode("overwrite").parquet(where)
     parts = [p for p in fs.walk_files(spark, where) if p.endswith(".parquet")]
     return posixpath.join(where, parts[0])
 
@@ -284,7 +287,6 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
      .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
      .partitionBy("_split", "dt", "_shard").parquet(raw))
     stats = obs.get
-    schema = allrows.select(*cols).schema
 
     unknown_days = stats["rows"] - sum(stats[f"n|{s}|{d}"] for s in days for d in days[s])
     if unknown_days:
@@ -324,7 +326,7 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
             fs.rename(spark, src, dst)
         else:  # no row of that day hashed to this shard
             if template is None:
-                template = _empty_template(spark, schema, posixpath.join(staging, "_empty"))
+                template = _empty_template(spark, allrows.select(*cols), posixpath.join(staging, "_empty"))
             fs.copy(spark, template, dst)
     for split in names:
         ds = manifest_splits[split]["days"]
