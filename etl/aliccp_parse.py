@@ -139,9 +139,14 @@ def check_fields(df, fields: list[FieldSpec]):
             n = F.size(F.filter("entries", _field_is(f.name)))
             bad = F.coalesce(bad, F.when(n > 1, F.concat(
                 F.lit(f"field {f.name} is single but has "), n.cast("string"), F.lit(" entries"))))
-    return (df.withColumn("unlisted", F.size(F.filter("entries", lambda e: ~listed(e))))
-              .withColumn("entries", F.filter("entries", listed))
-              .withColumn("bad", bad))
+    df = (df.withColumn("unlisted", F.size(F.filter("entries", lambda e: ~listed(e))))
+          .withColumn("entries", F.filter("entries", listed))
+          .withColumn("bad", bad))
+    # Only lines that can be rejected keep their text (what is persisted stays small).
+    keep = F.col("bad").isNotNull()
+    if "click" in df.columns:
+        keep = keep | ((F.col("click") == 0) & (F.col("conversion") == 1))
+    return df.withColumn("line", F.when(keep, F.col("line")))
 
 
 def _field_is(name: str):
@@ -191,8 +196,6 @@ def flag_split(split: str, sk: DataFrame, com: DataFrame | None, sk_table: str, 
     impression or fan the join out. A malformed line is never counted as a first copy.
     """
     cwc = (F.col("click") == 0) & (F.col("conversion") == 1)
-    # Only rejected lines keep their text (a dropped click=0/conversion=1 row is one).
-    sk = sk.withColumn("line", F.when(F.col("bad").isNotNull() | cwc, F.col("line")))
     # Only ids seen twice travel (a small aggregate); AQE broadcasts that tiny side back.
     ok = sk.where(F.col("bad").isNull())
     dup_ids = (ok.groupBy("sample_id").agg(F.count(F.lit(1)).alias("_n"), F.min("pos").alias("_first"))
@@ -212,7 +215,6 @@ def flag_split(split: str, sk: DataFrame, com: DataFrame | None, sk_table: str, 
 
     commons = cst = None
     if com is not None:
-        com = com.withColumn("line", F.when(F.col("bad").isNotNull(), F.col("line")))
         # number the valid copies only: a malformed first copy must not push the valid one to rank 2
         w = Window.partitionBy("cfi", F.col("bad").isNull()).orderBy("pos")
         cst = com.withColumn("_rank", F.when(F.col("bad").isNull(), F.row_number().over(w)))
