@@ -1,6 +1,6 @@
 """Ali-CCP raw converter: generated raw files at a chosen size -> rows/s of the Spark job (local[2]).
 
-    .venv/bin/python bench/aliccp.py --impressions 50000 200000 [--common-entries 500]
+    .venv/bin/python bench/aliccp.py --impressions 50000 200000 [--common-entries 500] [--before /work/main]
 
 What it generates (shape of the real release, see shared/data/aliccp/FORMAT.md): one
 common row per ~58 impressions (42.3M / 0.73M), each with ``--common-entries`` entries
@@ -11,7 +11,9 @@ crosses x3); Zipf-like ids; skeleton rows of one key consecutive, as in the rele
 
 What it prints per size, side by side:
 - the Spark converter (``etl.aliccp.convert_raw`` + ``write``, the same calls as
-  ``esmm aliccp``) wall time and impressions/s, with its phases;
+  ``esmm aliccp``) wall time and impressions/s, with its phases, and the number of Spark
+  jobs (``SparkListenerJobStart`` events in the event log), each run in a fresh process;
+- the same for ``--before`` (another checkout, default /work/main) at the first size;
 - a pure-Python single-process reference doing LESS (parse + dict join into per-field
   lists; no vocabulary, no Parquet), what a user's own script would do;
 - measured memory figures from Spark's event log (peak execution memory per task,
@@ -30,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# --code DIR (the child runs of "before"): import etl/ from another checkout, e.g. /work/main
+_CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv else str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, _CODE)
 
 import numpy as np  # noqa: E402
 
@@ -111,13 +115,15 @@ def python_reference(raw: Path) -> float:
 def event_metrics(evdir: str) -> dict:
     """Task metrics summed / maxed over an application's Spark event log."""
     logs = sorted(glob.glob(os.path.join(evdir, "*")), key=os.path.getmtime)
-    out = {"peak_exec_mem_max": 0, "shuffle_write": 0, "spill_mem": 0, "spill_disk": 0, "tasks": 0,
+    out = {"peak_exec_mem_max": 0, "shuffle_write": 0, "spill_mem": 0, "spill_disk": 0, "tasks": 0, "jobs": 0,
            "output_bytes": 0, "input_bytes": 0}
     if not logs:
         return out
     last = logs[-1]  # Spark 4 writes a folder of rolling event files per application
     files = sorted(glob.glob(os.path.join(last, "*"))) if os.path.isdir(last) else [last]
     for line in (ln for fn in files for ln in open(fn, errors="replace")):
+        if '"SparkListenerJobStart"' in line:
+            out["jobs"] += 1
         if True:
             if '"SparkListenerTaskEnd"' not in line:
                 continue
@@ -160,10 +166,22 @@ def run_spark(raw: Path, out: Path, master: str, shards: int) -> dict:
         spark.catalog.clearCache()
         spark.stop()
     ev = event_metrics(evdir)
-    return {"parse_count_vocab_s": t1 - t0, "encode_join_write_s": t2 - t1, "total_s": t2 - t0,
+    return {"jobs": ev["jobs"], "parse_count_vocab_s": t1 - t0, "encode_join_write_s": t2 - t1, "total_s": t2 - t0,
             "cached_bytes": sum(cached.values()), "events": ev, "manifest_splits": {
                 s: {k: v[k] for k in ("impressions", "clicks", "conversions", "users", "items")}
                 for s, v in m["splits"].items()}}
+
+
+def run_child(code: str, raw: Path, out: Path, master: str, shards: int) -> dict:
+    """``run_spark`` in a fresh process importing etl/ from ``code`` (a checkout: before vs after)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=code)
+    r = subprocess.run([sys.executable, __file__, "--code", code, "--child", str(raw), str(out),
+                        "--master", master, "--shards", str(shards)], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"child run of {code} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def dir_bytes(p: Path) -> int:
@@ -177,8 +195,16 @@ def main(argv=None) -> int:
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out" / "aliccp"))
+    ap.add_argument("--before", default="/work/main",
+                    help="checkout whose converter is the 'before' (run at the first size only; '' to skip)")
+    ap.add_argument("--code", help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("ESMM_SPARK_DRIVER_MEMORY", "2g")
+    if args.child:
+        print(json.dumps(run_spark(Path(args.child[0]), Path(args.child[1]), args.master, args.shards)))
+        return 0
+    here = str(Path(__file__).resolve().parents[1])
     work = Path(args.work)
     results = []
     for n in args.impressions:
@@ -188,7 +214,9 @@ def main(argv=None) -> int:
         st = generate(base / "raw", n, args.common_entries)
         gen_s = time.perf_counter() - t
         py_s = python_reference(base / "raw")
-        sp = run_spark(base / "raw", base / "data", args.master, args.shards)
+        sp = run_child(here, base / "raw", base / "data", args.master, args.shards)
+        before = (run_child(args.before, base / "raw", base / "data_before", args.master, args.shards)
+                  if args.before and n == args.impressions[0] else None)
         total_imp = sum(s["impressions"] for s in st.values())
         total_com = sum(s["common_rows"] for s in st.values())
         raw_bytes = sum(s["skeleton_bytes"] + s["common_bytes"] for s in st.values())
@@ -209,15 +237,27 @@ def main(argv=None) -> int:
             "shuffle_bytes_per_impression": round(ev["shuffle_write"] / total_imp),
             "output_bytes_per_impression": round(dir_bytes(base / "data") / total_imp),
             "raw_bytes_per_impression": round(raw_bytes / total_imp),
-            "splits": sp["manifest_splits"],
+            "splits": sp["manifest_splits"], "spark_jobs": sp["jobs"],
+            "load_avg": [round(x, 1) for x in os.getloadavg()],
         }
+        if before is not None:
+            r.update({"before_spark_total_s": round(before["total_s"], 1), "before_spark_jobs": before["jobs"],
+                      "before_same_counts": before["manifest_splits"] == sp["manifest_splits"]})
         results.append(r)
         print(json.dumps(r), flush=True)
-    print("\nimpressions  raw MB  spark s  spark rows/s  python-ref rows/s  peak task MB  shuffle MB  cached MB  out MB")
+    print("\nimpressions  raw MB  spark s  python s  spark/python  spark jobs  before s  before jobs  "
+          "peak task MB  shuffle MB  load")
     for r in results:
-        print(f"{r['impressions']:>11}  {r['raw_mb']:>6}  {r['spark_total_s']:>7}  {r['spark_rows_per_s']:>12}  "
-              f"{r['python_ref_rows_per_s']:>17}  {r['peak_exec_mem_per_task_mb']:>12}  {r['shuffle_write_mb']:>10}  "
-              f"{r['cached_mb']:>9}  {r['output_parquet_mb']:>6}")
+        print(f"{r['impressions']:>11}  {r['raw_mb']:>6}  {r['spark_total_s']:>7}  {r['python_ref_s']:>8}  "
+              f"{r['spark_total_s'] / max(r['python_ref_s'], 1e-9):>12.2f}  {r['spark_jobs']:>10}  "
+              f"{r.get('before_spark_total_s', '-'):>8}  {r.get('before_spark_jobs', '-'):>11}  "
+              f"{r['peak_exec_mem_per_task_mb']:>12}  {r['shuffle_write_mb']:>10}  {r['load_avg'][0]:>4}")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"growth {a['impressions']} -> {b['impressions']} impressions: x{b['impressions'] / a['impressions']:.2f} "
+              f"rows, x{b['spark_total_s'] / a['spark_total_s']:.2f} Spark time, "
+              f"marginal {(b['impressions'] - a['impressions']) / max(b['spark_total_s'] - a['spark_total_s'], 1e-9):.0f}"
+              f" impressions/s")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Both formats are already joined (user fields sit in the impression's row), so they skip
 the common-feature join and go through the same validation, label rule, vocabulary and
-writer as the raw files (``etl.aliccp.finish_split`` / ``convert_prepared``).
+writer as the raw files (``etl.aliccp_parse.flag_split`` / ``etl.aliccp.convert_flagged``).
 
 - ``rechub-csv`` (datawhalechina/torch-rechub ``preprocess_ali_ccp.py``): files
   ``ali_ccp_{train,val,test}[_sample].csv`` with a header ``click,purchase,<23 field
@@ -25,10 +25,9 @@ import dataclasses
 import os
 from pathlib import Path
 
-from etl.aliccp import (
-    _at, FieldSpec, Prepared, check_fields, check_min_count, convert_prepared, default_fields, finish_split,
-    read_lines,
-)
+from etl.aliccp import _keep, convert_flagged, read_lines, read_numbered_lines
+from etl.aliccp_parse import _at, check_fields, flag_split
+from etl.aliccp_spec import FieldSpec, check_min_count, default_fields
 from etl.errors import InputError
 
 RECHUB_LABELS = ("click", "purchase")
@@ -60,7 +59,7 @@ def find_rechub_files(root: str | os.PathLike) -> dict[str, str]:
 
 
 def parse_rechub(lines, header: list[str], fields: list[FieldSpec], path: str):
-    """Lines of one rechub CSV -> the parsed layout ``finish_split`` takes (header lines dropped)."""
+    """Lines of one rechub CSV -> the parsed layout ``flag_split`` takes (header lines dropped)."""
     from pyspark.sql import functions as F
 
     col = {name: i + 1 for i, name in enumerate(header)}  # 1-based for try_element_at
@@ -88,9 +87,11 @@ def parse_rechub(lines, header: list[str], fields: list[FieldSpec], path: str):
         .when(~F.forall(entries, lambda e: e["ok"]), F.lit("a field id is not a non-negative integer "
                                                             "or its D column not a number"))
     )
-    kind = F.regexp_extract("source", r"ali_ccp_(train|val|test)", 1)
+    # file + line: the same id whatever the core count or the file splits
+    name = F.regexp_extract("source", r"([^/]+)$", 1)
+    kind = F.regexp_extract(name, r"ali_ccp_(train|val|test)", 1)
     return df.select(
-        F.concat(kind, F.lit("-"), F.col("pos").cast("string")).alias("sample_id"),
+        F.concat(kind, F.lit("-"), name, F.lit(":"), F.col("lineno").cast("string")).alias("sample_id"),
         F.when(_at("p", col["click"]) == "1", 1).otherwise(0).cast("tinyint").alias("click"),
         F.when(_at("p", col["purchase"]) == "1", 1).otherwise(0).cast("tinyint").alias("conversion"),
         F.lit(None).cast("string").alias("cfi"),
@@ -102,7 +103,7 @@ def parse_rechub(lines, header: list[str], fields: list[FieldSpec], path: str):
 
 def convert_rechub(spark, root: str, fields: list[FieldSpec] | None = None, *, min_count: int = 1,
                    recode_conversion_without_click: bool = False, val: str = "merge",
-                   features_path: str | None = None):
+                   features_path: str | None = None, vocab_from: dict | None = None):
     """torch-rechub CSVs -> ``Converted`` (splits train, test [+ val])."""
     check_min_count(min_count)
     if val not in ("merge", "split"):
@@ -112,25 +113,26 @@ def convert_rechub(spark, root: str, fields: list[FieldSpec] | None = None, *, m
     groups = {"train": ["train"], "test": ["test"] + (["val"] if val == "merge" and "val" in files else [])}
     if val == "split" and "val" in files:
         groups["val"] = ["val"]
-    preps: dict[str, Prepared] = {}
+    preps, cached = {}, []
     for split, kinds in groups.items():
         paths = [files[k] for k in kinds]
         header = _first_line(spark, paths[0]).split(",")
         for other in paths[1:]:
             if _first_line(spark, other).split(",") != header:
                 raise InputError(f"{other}: header differs from {paths[0]}'s")
-        parsed = parse_rechub(read_lines(spark, paths), header, fields, paths[0])
-        parsed = check_fields(parsed, fields)
-        preps[split] = finish_split(split, parsed, None, f"rechub_{split}", None,
-                                    recode_conversion_without_click=recode_conversion_without_click)
+        parsed = parse_rechub(read_numbered_lines(spark, paths), header, fields, paths[0])
+        parsed = _keep(check_fields(parsed, fields), cached)
+        preps[split] = flag_split(split, parsed, None, f"rechub_{split}", None,
+                                  recode_conversion_without_click=recode_conversion_without_click)
     inputs = {
         "kind": "aliccp", "format": "rechub-csv", "raw": str(Path(root).resolve()), "truth": None,
         "files": {s: [files[k] for k in kinds] for s, kinds in groups.items()},
         "features": str(Path(features_path).resolve()) if features_path else None, "min_count": min_count,
         "val": val,
     }
-    return convert_prepared(preps, fields, min_count=min_count, inputs=inputs, fmt="rechub-csv",
-                            recode=recode_conversion_without_click, prefixed=True)
+    return convert_flagged(spark, preps, fields, min_count=min_count, inputs=inputs, fmt="rechub-csv",
+                           recode=recode_conversion_without_click, prefixed=True, vocab_from=vocab_from,
+                           cached=cached)
 
 
 # --------------------------------------------------------------------------- PaddleRec
@@ -156,7 +158,7 @@ def paddlerec_fields(fields: list[FieldSpec]) -> list[FieldSpec]:
 
 
 def parse_paddlerec(lines):
-    """Lines ``sample_id,click,conversion,field:feat,...`` -> the parsed layout ``finish_split`` takes."""
+    """Lines ``sample_id,click,conversion,field:feat,...`` -> the parsed layout ``flag_split`` takes."""
     from pyspark.sql import functions as F
 
     p = F.split("line", ",")
@@ -186,20 +188,22 @@ def parse_paddlerec(lines):
 
 
 def convert_paddlerec(spark, root: str, fields: list[FieldSpec] | None = None, *, min_count: int = 1,
-                      recode_conversion_without_click: bool = False, features_path: str | None = None):
+                      recode_conversion_without_click: bool = False, features_path: str | None = None,
+                      vocab_from: dict | None = None):
     """PaddleRec ESMM text files -> ``Converted`` (splits train, test)."""
     check_min_count(min_count)
     fields = paddlerec_fields(fields or default_fields())
     files = find_paddlerec_files(root)
-    preps = {}
+    preps, cached = {}, []
     for split, paths in files.items():
-        parsed = check_fields(parse_paddlerec(read_lines(spark, paths)), fields)
-        preps[split] = finish_split(split, parsed, None, f"paddlerec_{split}", None,
-                                    recode_conversion_without_click=recode_conversion_without_click)
+        parsed = _keep(check_fields(parse_paddlerec(read_lines(spark, paths)), fields), cached)
+        preps[split] = flag_split(split, parsed, None, f"paddlerec_{split}", None,
+                                  recode_conversion_without_click=recode_conversion_without_click)
     inputs = {
         "kind": "aliccp", "format": "paddlerec-txt", "raw": str(Path(root).resolve()), "truth": None,
         "files": files, "features": str(Path(features_path).resolve()) if features_path else None,
         "min_count": min_count,
     }
-    return convert_prepared(preps, fields, min_count=min_count, inputs=inputs, fmt="paddlerec-txt",
-                            recode=recode_conversion_without_click, prefixed=False)
+    return convert_flagged(spark, preps, fields, min_count=min_count, inputs=inputs, fmt="paddlerec-txt",
+                           recode=recode_conversion_without_click, prefixed=False, vocab_from=vocab_from,
+                           cached=cached)

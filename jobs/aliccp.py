@@ -37,6 +37,9 @@ def parse_args(argv):
                    help="keep click=0/conversion=1 rows as conversion=0 (default: drop them as rejects)")
     p.add_argument("--val", choices=("merge", "split"), default="merge",
                    help="rechub-csv only: merge ali_ccp_val into test (default) or write a 'val' split")
+    p.add_argument("--vocab-from", metavar="PREV",
+                   help="a previous data root or model bundle: its values keep their ids, new train values "
+                        "get ids after them, vocab_size only grows")
     return p.parse_args(argv)
 
 
@@ -62,7 +65,8 @@ def _main(argv) -> int:
     master = args.master or (None if under_submit else "local[*]")
     spark = get_spark(master, app="esmm-aliccp")
     opts = dict(min_count=args.min_count, recode_conversion_without_click=args.recode_conversion_without_click,
-                features_path=args.features)
+                features_path=args.features,
+                vocab_from=aliccp.read_prev_vocab(spark, args.vocab_from) if args.vocab_from else None)
     if args.format == "raw":
         conv = aliccp.convert_raw(spark, args.raw, fields, **opts)
     elif args.format == "rechub-csv":

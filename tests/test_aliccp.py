@@ -301,8 +301,8 @@ def test_feature_spec(tmp_path):
     from etl.errors import InputError
 
     p = tmp_path / "spec.yaml"
-    p.write_text("fields:\n  - 101\n  - {name: '210', kind: weighted}\n  - {name: '999', kind: multi, group: item,"
-                 " min_count: 3}\n")
+    p.write_text("fields:\n  - {name: '101'}\n  - {name: '210', kind: weighted}\n  - {name: '999', kind: multi, "
+                 "group: item, min_count: 3}\n")
     got = A.load_field_spec(p)
     assert got == [A.FieldSpec("101", "single", "user"), A.FieldSpec("210", "weighted", "item"),
                    A.FieldSpec("999", "multi", "item", 3)]
@@ -311,5 +311,5 @@ def test_feature_spec(tmp_path):
     with pytest.raises(InputError, match="998.*group"):
         A.load_field_spec(p)
     p.write_text("fields:\n  - {name: '101', kind: dense}\n")
-    with pytest.raises(InputError, match="kind must be"):
+    with pytest.raises(InputError, match="kind 'dense' is not one of"):
         A.load_field_spec(p)

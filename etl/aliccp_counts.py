@@ -1,0 +1,156 @@
+"""Action 1 of an Ali-CCP run: the vocabulary and every counter in ONE collect.
+
+The vocabulary (one aggregation over the train impressions and their common rows, ids
+assigned in Spark, optionally merged into a previous vocabulary) and the counters (lines
+per file, rows per status, impressions whose common row is missing) are small frames of
+one shape, unioned and collected together: no separate count job per split or per
+counter. The line counts come from the parsed files before any flagging, so
+``read = kept + rejected`` is a check, not a definition.
+"""
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.aliccp_parse import Flagged
+from etl.aliccp_spec import CONV_WITHOUT_CLICK, DUPLICATE, MALFORMED, FieldSpec
+
+ROW = ("kind string, split string, status string, field string, value string, id bigint, n bigint, "
+       "unlisted bigint, y bigint, z bigint, cwc bigint")
+_COLS = [c.split()[0] for c in ROW.split(", ")]
+
+
+def _rows(df: DataFrame, **cols) -> DataFrame:
+    """``df`` in the ROW shape: given columns as named, the rest null."""
+    types = dict(c.split() for c in ROW.split(", "))
+    return df.select(*[(cols[c] if c in cols else F.lit(None)).cast(types[c]).alias(c) for c in _COLS])
+
+
+def _lit(v):
+    return F.lit(v)
+
+
+def counter_rows(p: Flagged) -> DataFrame:
+    """Small aggregates of one split: lines per file, rows per status, missing common rows."""
+    s = _lit(p.split)
+    one = F.count(F.lit(1))
+    lsum = lambda c: F.sum(F.col(c).cast("long"))  # noqa: E731
+    rows = _rows(p.skeleton_lines.agg(one.alias("n"), lsum("click").alias("y"), lsum("conversion").alias("z")),
+                 kind=_lit("lines"), split=s, n=F.col("n"), y=F.col("y"), z=F.col("z"))
+    rows = rows.unionByName(_rows(
+        p.skeleton.groupBy("_status").agg(one.alias("n"), lsum("unlisted").alias("u"), lsum("click").alias("y"),
+                                          lsum("conversion").alias("z"), lsum("_cwc").alias("c")),
+        kind=_lit("sk"), split=s, status=F.col("_status"), n=F.col("n"), unlisted=F.col("u"), y=F.col("y"),
+        z=F.col("z"), cwc=F.col("c")))
+    if p.common is not None:
+        rows = rows.unionByName(_rows(p.common_lines.agg(one.alias("n")), kind=_lit("clines"), split=s,
+                                      n=F.col("n")))
+        rows = rows.unionByName(_rows(
+            p.common.groupBy("_status").agg(one.alias("n"), lsum("unlisted").alias("u")),
+            kind=_lit("com"), split=s, status=F.col("_status"), n=F.col("n"), unlisted=F.col("u")))
+        missing = p.impressions.select("cfi").join(p.commons.select("cfi"), "cfi", "left_anti")
+        rows = rows.unionByName(_rows(missing.agg(one.alias("n")), kind=_lit("missing"), split=s, n=F.col("n")))
+    return rows
+
+
+def merge_vocab(prev: DataFrame, counts: DataFrame, min_count: dict[str, int]) -> DataFrame:
+    """Previous ids kept; new values with ``count >= min_count`` numbered after the field's old max.
+
+    ``prev``: (field, value, id); ``counts``: (field, value, count) of this run's train
+    rows. Returns (field, value, id, count, new) with this run's counts (0 for a known
+    value not seen now); new ids by count descending, then value ascending.
+    """
+    from pyspark.sql import Window
+
+    thr = F.lit(1)
+    for f, m in sorted(min_count.items()):
+        thr = F.when(F.col("field") == f, F.lit(int(m))).otherwise(thr)
+    prev = prev.where(F.col("field").isin(list(min_count))).select("field", "value", F.col("id").cast("bigint"))
+    old = (prev.join(counts, ["field", "value"], "left")
+           .select("field", "value", "id", F.coalesce("count", F.lit(0)).cast("bigint").alias("count"),
+                   F.lit(False).alias("new")))
+    top = prev.groupBy("field").agg(F.max("id").alias("_top"))
+    w = Window.partitionBy("field").orderBy(F.col("count").desc(), F.col("value").asc())
+    new = (counts.where(F.col("count") >= thr).join(prev, ["field", "value"], "left_anti")
+           .join(F.broadcast(top), "field", "left")
+           .select("field", "value", (F.coalesce("_top", F.lit(0)) + F.row_number().over(w)).cast("bigint").alias("id"),
+                   F.col("count").cast("bigint").alias("count"), F.lit(True).alias("new")))
+    return old.unionByName(new)
+
+
+def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpec], min_count: int,
+                       prev: dict | None = None):
+    """Collect the vocabulary and the counters together.
+
+    Returns ``(vocab, values, counters, parent)``: ``vocab`` a DataFrame (field, value, id,
+    count) built from the collected rows (not recomputed), ``values`` ``{field: [value of
+    id 1, ...]}`` for the encoder, ``counters`` per split (see :func:`split_counters`),
+    ``parent`` ``{"parent", "new_ids", "vocab_sizes"}`` when ``prev`` (a previous
+    vocabulary: ``{"parent": path, "vocab": DataFrame, "vocab_sizes": {...}}``) is given.
+    """
+    from etl.aliccp_encode import train_counts
+    from etl.vocab import VOCAB_SCHEMA, assign_ids
+
+    vf = [f for f in fields if not f.hash_buckets]
+    mins = {f.name: int(f.min_count or min_count) for f in vf}
+    tr = flagged["train"]
+    counts = train_counts(tr.impressions, tr.commons, fields)
+    if prev is None:
+        vocab = assign_ids(counts, mins).withColumn("new", F.lit(True))
+    else:
+        vocab = merge_vocab(prev["vocab"], counts, mins)
+    rows = _rows(vocab, kind=_lit("vocab"), field=F.col("field"), value=F.col("value"), id=F.col("id"),
+                 n=F.col("count"), status=F.when(F.col("new"), F.lit("new")))
+    for p in flagged.values():
+        rows = rows.unionByName(counter_rows(p))
+    got = rows.toArrow().to_pandas()
+
+    voc = got[got["kind"] == "vocab"].sort_values(["field", "id"])
+    values: dict[str, list] = {f.name: [] for f in vf}
+    for name, grp in voc.groupby("field", sort=False):
+        if name not in values:
+            continue
+        ids = grp["id"].to_numpy()
+        lst = [f"\x00unused-{i}" for i in range(1, int(ids.max()) + 1)]  # unique: a gap matches nothing
+        for i, v in zip(ids, grp["value"]):
+            lst[int(i) - 1] = v
+        values[name] = lst
+    import pyarrow as pa
+
+    vocab_df = spark.createDataFrame(pa.table({  # from the collected rows: no second count
+        "field": pa.array(voc["field"].tolist(), pa.string()), "value": pa.array(voc["value"].tolist(), pa.string()),
+        "id": pa.array(voc["id"].astype("int64").tolist(), pa.int64()),
+        "count": pa.array(voc["n"].astype("int64").tolist(), pa.int64())}), VOCAB_SCHEMA)
+    counters = {s: split_counters(got, s, p.common is not None) for s, p in flagged.items()}
+    parent = None
+    if prev is not None:
+        new_ids = voc[voc["status"] == "new"].groupby("field").size().to_dict()
+        parent = {"parent": prev["parent"], "vocab_sizes": prev.get("vocab_sizes", {}),
+                  "new_ids": {f.name: int(new_ids.get(f.name, 0)) for f in vf}}
+    return vocab_df, values, counters, parent
+
+
+def split_counters(got, split: str, has_common: bool) -> dict:
+    """One split's counters from the collected rows (pandas)."""
+    d = got[got["split"] == split]
+
+    def val(kind, col="n", status="*"):
+        r = d[d["kind"] == kind]
+        if status != "*":
+            r = r[r["status"].isna()] if status is None else r[r["status"] == status]
+        return int(r[col].fillna(0).sum())
+
+    out = {
+        "read": val("lines"), "read_clicks": val("lines", "y"), "read_conversions": val("lines", "z"),
+        "malformed": val("sk", status=MALFORMED), "duplicate": val("sk", status=DUPLICATE),
+        # dropped rows are rejects; recoded ones are still among the kept rows
+        "conversion_without_click": val("sk", status=CONV_WITHOUT_CLICK) + val("sk", "cwc", None),
+        "kept": val("sk", status=None), "missing_common": val("missing"),
+        "unlisted_entries": val("sk", "unlisted", None),
+        "common_read": val("clines"), "common_kept": val("com", status=None),
+        "common_malformed": val("com", status=MALFORMED), "common_duplicate": val("com", status=DUPLICATE),
+        "common_unlisted_entries": val("com", "unlisted", None),
+    }
+    if not has_common:
+        out["missing_common"] = 0
+    return out
