@@ -143,3 +143,59 @@ def test_warm_start_begins_day2_lower_than_cold_on_two_ray_workers(days, ray_sta
     sd = torch.load(warm / "model.pt", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def _rank_worker(rank: int, world: int, port: int, bundle: str, data: str, out: str):
+    """One of 2 gloo ranks: build the day-2 model sharded over the world, warm-start it
+    through the Ray worker's hook, save this rank's rows."""
+    import torch.distributed as dist
+
+    from train.baselines import build_model
+    from train.bundle import read_bundle
+    from train.data import load_manifest, manifest_fields
+    from train.model import EsmmConfig
+    from train.shard import ShardedEmbeddingCollection, shard_group
+    from train.warm_start import warm_start_worker
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = shard_group()
+    cfg = EsmmConfig.from_dict(read_bundle(bundle).meta["config"]["model_cfg"])
+    model = build_model("esmm", manifest_fields(load_manifest(data)), cfg,
+                        lambda fs, dim: ShardedEmbeddingCollection(fs, dim, init_std=cfg.init_std, group=group, seed=0))
+    info = warm_start_worker(model, {"init_from": bundle}, fresh=True)
+    torch.save({"rows": model.embeddings[0].rows, "info": info,
+                "dense": {k: v for k, v in model.state_dict().items() if not k.startswith("embeddings.")}},
+               f"{out}/rank-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_warm_start_on_two_gloo_ranks_takes_each_ranks_rows(days, tmp_path):
+    """The Ray worker hook on 2 ranks (real gloo group, no Ray): each rank holds exactly
+    rows r, r+2, ... of the one-process warm-started table, and the same dense weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from train.baselines import build_model
+    from train.bundle import read_bundle
+    from train.data import load_manifest, manifest_fields
+    from train.model import EsmmConfig
+    from train.shard import ShardedEmbeddingCollection
+    from train.warm_start import init_from
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_worker, args=(2, port, str(days["m1"]), str(days["d2"]), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    cfg = EsmmConfig.from_dict(read_bundle(days["m1"]).meta["config"]["model_cfg"])
+    one = build_model("esmm", manifest_fields(load_manifest(days["d2"])), cfg,
+                      lambda fs, dim: ShardedEmbeddingCollection(fs, dim, init_std=cfg.init_std, seed=0))
+    init_from(one, days["m1"])
+    table = one.embeddings[0].rows
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert torch.equal(got["rows"], table[r::2]), r
+        for k, v in got["dense"].items():
+            assert torch.equal(v, one.state_dict()[k]), k
+    assert sum(g["info"]["rows_new"] for g in ranks) == 2 * NEW
