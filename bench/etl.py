@@ -1,18 +1,21 @@
-"""Benchmark: impressions/s of the Spark log ETL vs the same label join in DuckDB.
+"""Benchmark: the whole ``esmm etl`` process vs the same label join in DuckDB, same files.
 
-    .venv/bin/python bench/etl.py [--sizes 1000000,4000000] [--days 14] [--master local[2]]
+    .venv/bin/python bench/etl.py [--sizes 1000000,4000000] [--days 14] [--master local[2]] \
+        [--before /work/main]   # also time another checkout's code ("before"), same files
 
 For each size, simulated logs (``esmm synth``, seed 0) are written once under
 ``bench/out/etl/logs-N`` and reused. Then, side by side on the same files:
 
-- Spark: ``run_etl`` (dedup, label rules, rejects, train-only vocab, encoding, shards,
-  manifest, commit) with ``--master`` (default ``local[2]``), one session for all sizes
-  (its start-up time is printed apart);
+- Spark: ``esmm etl --master local[2]`` as its own process (session start, dedup, label
+  rules, rejects, train-only vocabulary, encoding, shards, manifest, commit); the wall
+  time of the whole process, the session start apart, and the number of Spark jobs it
+  ran (the status tracker's job ids at the end of the run). With ``--before DIR`` the
+  same command runs with ``PYTHONPATH=DIR`` first (the code before a change);
 - DuckDB (threads = Spark's cores): the same dedup + label join (valid clicks after
   their impression, conversions within the window after a valid click) written to one
   Parquet file: what a user would try instead, without rejects, vocab or sharding.
 
-Prints seconds, impressions/s and the ratio; both label sums must agree.
+Prints seconds, impressions/s, jobs and the ratio; the label sums must agree.
 """
 from __future__ import annotations
 
@@ -90,6 +93,42 @@ def run_duckdb(logs: Path, dest: Path, threads: int, window: int) -> tuple[float
     return dt, (int(n), int(y), int(z))
 
 
+# Runs inside the timed child process: the CLI's own entry point, then the job count.
+CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from etl.spark import get_spark
+spark = get_spark(sys.argv[1], app="esmm-etl")
+t1 = time.perf_counter()
+from jobs.etl import main
+rc = main(sys.argv[2:])
+t2 = time.perf_counter()
+jobs = spark.sparkContext.statusTracker().getJobIdsForGroup(None)
+print("BENCH " + json.dumps({"rc": rc, "session_s": t1 - t0, "etl_s": t2 - t1, "jobs": len(jobs)}))
+"""
+
+
+def run_spark(code: Path, logs: Path, data: Path, master: str, shards: int) -> dict:
+    """``esmm etl`` in its own process with ``code`` first on PYTHONPATH; wall time + inner figures."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(code), "PYSPARK_PYTHON": sys.executable}
+    cmd = [sys.executable, "-c", CHILD, master, "--logs", str(logs), "--out", str(data),
+           "--shards", str(shards), "--master", master]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(code))
+    wall = time.perf_counter() - t
+    line = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")]
+    if r.returncode != 0 or not line:
+        raise RuntimeError(f"esmm etl ({code}) failed: {r.stderr[-2000:]}")
+    out = json.loads(line[-1][6:])
+    m = json.loads((data / "manifest.json").read_text())
+    out.update(wall_s=wall, used=m["used"]["impressions"],
+               clicks=sum(s["clicks"] for s in m["splits"].values()),
+               conversions=sum(s["conversions"] for s in m["splits"].values()))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000000,4000000")
@@ -97,43 +136,39 @@ def main(argv=None) -> int:
     p.add_argument("--master", default="local[2]")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "etl"))
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--before", help="another checkout (e.g. /work/main) to time first on the same files")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ESMM_SPARK_DRIVER_MEMORY", "3g")
     sizes = [int(s) for s in args.sizes.split(",") if s]
-
-    from etl.pipeline import run_etl
-    from etl.spark import get_spark
-
-    t = time.perf_counter()
-    spark = get_spark(args.master, app="esmm-bench-etl", conf={"spark.ui.showConsoleProgress": "false"})
-    print(f"spark session ({args.master}, driver memory {os.environ['ESMM_SPARK_DRIVER_MEMORY']}): "
-          f"{time.perf_counter() - t:.1f} s", flush=True)
+    codes = ([("before", Path(args.before).resolve())] if args.before else []) + [("after", ROOT)]
+    print(f"load average {os.getloadavg()[0]:.1f}; spark {args.master}, driver memory "
+          f"{os.environ['ESMM_SPARK_DRIVER_MEMORY']}", flush=True)
     results = []
     for n in sizes:
         logs, synth_s = ensure_logs(out, n, args.days)
         if synth_s is not None:
             print(f"synth {n:,} impressions: {synth_s:.1f} s", flush=True)
-        data = out / f"data-{n}"
-        t = time.perf_counter()
-        m = run_etl(spark, str(logs), str(data), shards=args.shards)
-        spark_s = time.perf_counter() - t
-        s_n = m["used"]["impressions"]
-        s_yz = (sum(m["splits"][k]["clicks"] for k in m["splits"]), sum(m["splits"][k]["conversions"] for k in m["splits"]))
         duck_s, (d_n, d_y, d_z) = run_duckdb(logs, out / f"duck-{n}.parquet", cores(args.master), 7)
-        agree = (s_n, *s_yz) == (d_n, d_y, d_z)
-        r = {"impressions": n, "spark_s": round(spark_s, 2), "spark_imps_per_s": round(s_n / spark_s),
-             "duckdb_s": round(duck_s, 2), "duckdb_imps_per_s": round(d_n / duck_s),
-             "duckdb_over_spark": round(spark_s / duck_s, 2), "labels_agree": agree,
-             "clicks": s_yz[0], "conversions": s_yz[1]}
-        results.append(r)
-        print(f"{n:>10,} impressions: spark {spark_s:7.1f} s ({r['spark_imps_per_s']:>9,}/s) | "
-              f"duckdb {duck_s:6.1f} s ({r['duckdb_imps_per_s']:>9,}/s) | duckdb {r['duckdb_over_spark']:.1f}x faster | "
-              f"labels agree: {agree} (clicks {s_yz[0]}, conversions {s_yz[1]})", flush=True)
-        shutil.rmtree(data, ignore_errors=True)
+        for name, code in codes:
+            data = out / f"data-{n}-{name}"
+            s = run_spark(code, logs, data, args.master, args.shards)
+            agree = (s["used"], s["clicks"], s["conversions"]) == (d_n, d_y, d_z)
+            r = {"impressions": n, "code": name, "process_s": round(s["wall_s"], 2),
+                 "session_s": round(s["session_s"], 2), "etl_s": round(s["etl_s"], 2), "spark_jobs": s["jobs"],
+                 "spark_imps_per_s": round(s["used"] / s["wall_s"]), "duckdb_s": round(duck_s, 2),
+                 "duckdb_imps_per_s": round(d_n / duck_s), "ratio": round(s["wall_s"] / duck_s, 2),
+                 "labels_agree": agree, "clicks": s["clicks"], "conversions": s["conversions"],
+                 "load": round(os.getloadavg()[0], 1)}
+            results.append(r)
+            print(f"{n:>10,} impressions [{name}]: esmm etl process {s['wall_s']:7.1f} s (session "
+                  f"{s['session_s']:.1f} s, run {s['etl_s']:.1f} s, {s['jobs']} Spark jobs, "
+                  f"{r['spark_imps_per_s']:,}/s) | duckdb {duck_s:6.1f} s | ratio {r['ratio']:.1f}x | "
+                  f"labels agree: {agree} (clicks {s['clicks']}, conversions {s['conversions']}) | "
+                  f"load {r['load']}", flush=True)
+            shutil.rmtree(data, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    spark.stop()
     return 0 if all(r["labels_agree"] for r in results) else 1
 
 

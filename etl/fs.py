@@ -106,3 +106,47 @@ def read_text(spark, path: str) -> str:
     finally:
         stream.close()
     return bytes(data).decode("utf-8")
+
+
+def _local(path: str) -> str | None:
+    """The local filesystem path of ``path``, or None if it lives elsewhere."""
+    if path.startswith("file:"):
+        return "/" + path[len("file:"):].lstrip("/")
+    return None if "://" in path else path
+
+
+def parquet_rows(spark, paths: list[str]) -> dict[str, int]:
+    """Rows per Parquet file, read from the footers (no scan of the data).
+
+    Local files are read with pyarrow on the driver; others through one Spark job that
+    counts rows per file (Parquet answers a count from its footers too).
+    """
+    if not paths:
+        return {}
+    local = [_local(p) for p in paths]
+    if all(p is not None for p in local):
+        import pyarrow.parquet as pq
+
+        return {p: int(pq.read_metadata(lp).num_rows) for p, lp in zip(paths, local)}
+    from pyspark.sql import functions as F
+
+    got = {r["f"]: int(r["n"]) for r in spark.read.parquet(*paths).select(F.col("_metadata.file_path").alias("f"))
+           .groupBy("f").count().withColumnRenamed("count", "n").collect()}
+    return {p: got.get(qualify(spark, p) if "://" in p else "file:" + p, got.get(p, 0)) for p in paths}
+
+
+def text_lines(spark, paths: list[str]) -> int:
+    """Non-blank lines of text files (JSON Lines, .gz decompressed), as Spark's JSON reader sees records."""
+    local = [_local(p) for p in paths]
+    if all(p is not None for p in local):
+        import gzip
+
+        n = 0
+        for lp in local:
+            opener = gzip.open if lp.endswith(".gz") else open
+            with opener(lp, "rb") as fh:
+                n += sum(1 for line in fh if line.strip())
+        return n
+    from pyspark.sql import functions as F
+
+    return spark.read.text(paths).where(F.trim(F.col("value")) != "").count()

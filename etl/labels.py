@@ -15,8 +15,11 @@ timestamp, ``_bad`` malformed detail, ``_src``, ``_dt``, ``_ord``, ``_line``).
 Checks apply in that order; duplicates are judged among well-formed rows only.
 ``out_of_range`` is not a reject: with ``--start/--end`` a click whose impression exists
 on a day outside the range (or a conversion whose click does, or whose click is itself
-out of range) belongs to another run. It is counted apart so that
-``read = used + rejected + out_of_range`` still holds.
+out of range) belongs to another run. ``after_horizon`` (given a :class:`Horizon`) is the
+part of those that the run before this one could not read (a click later than its
+``end + H``, a conversion later than its ``end + H + W``): labels no run counted, so
+they are counted here. Both are kept apart so that
+``read = used + rejected + out_of_range + after_horizon`` holds per table.
 
 Labels: ``click`` = 1 if any valid click refers to the impression; ``conversion`` = 1 if
 any valid conversion refers to one of its valid clicks. A valid conversion needs a
@@ -35,6 +38,34 @@ REASONS = {
     "conversions": ("malformed", "duplicate", "orphan", "before_click", "outside_window"),
 }
 OUT_OF_RANGE = "out_of_range"
+AFTER_HORIZON = "after_horizon"
+
+
+@dataclass
+class Horizon:
+    """Where a ranged run's labels end (``--start`` and the click horizon, see :func:`flag`).
+
+    ``start`` is the first impression day of the run (``YYYY-MM-DD``); the run before it
+    is taken to end on ``start - 1`` and to have read clicks through
+    ``start - 1 + click_days`` and conversions through ``start - 1 + click_days + window_days``.
+    """
+    start: str
+    click_days: int
+    window_days: int  # ceil of the attribution window, in days
+
+    def _after(self, n: int) -> str:
+        import datetime as _d
+        return (_d.date.fromisoformat(self.start) + _d.timedelta(days=n)).isoformat()
+
+    @property
+    def lost_click_day(self) -> str:
+        """First click day the previous run did not read."""
+        return self._after(self.click_days)
+
+    @property
+    def lost_conversion_day(self) -> str:
+        """First conversion day the previous run did not read."""
+        return self._after(self.click_days + self.window_days)
 
 
 @dataclass
@@ -56,15 +87,22 @@ def dedup(df: DataFrame, id_col: str) -> DataFrame:
                          .when(F.row_number().over(w) > 1, F.lit("duplicate")))
 
 
-def _ids(df: DataFrame | None, col: str, alias: str) -> DataFrame | None:
+def _ids(df: DataFrame | None, col: str, alias: str, early: str | None = None) -> DataFrame | None:
+    """Distinct ids (``alias``) + ``alias_x`` = true + ``alias_e``: the id lies before ``early``
+    (its ``_dt``, where the frame has one; else true)."""
     if df is None:
         return None
-    return df.select(F.col(col).cast("string").alias(alias)).where(F.col(alias).isNotNull()).distinct() \
-        .withColumn(alias + "_x", F.lit(True))
+    if early is not None and "_dt" in df.columns:
+        e = F.col("_dt") < F.lit(early)
+    else:
+        e = F.lit(True)
+    return (df.select(F.col(col).cast("string").alias(alias), e.alias("_e")).where(F.col(alias).isNotNull())
+            .groupBy(alias).agg(F.max("_e").alias(alias + "_e")).withColumn(alias + "_x", F.lit(True)))
 
 
 def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
-         outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None) -> Flagged:
+         outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None,
+         horizon: Horizon | None = None) -> Flagged:
     """Give each row of the three tables its ``_reason`` (see module doc).
 
     Every row goes through left joins only (no split and union), so each table is
@@ -74,7 +112,14 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
         window_s: attribution window in seconds after the click.
         outside_impressions: ``impression_id`` of impressions on days outside the range
             (ranged runs): clicks on them are ``out_of_range``, not orphans.
-        outside_clicks: ``click_id`` of clicks on days before the range (ranged runs).
+        outside_clicks: ``click_id`` (+ ``_dt``) of clicks on days outside those read
+            (ranged runs): conversions of them are ``out_of_range``, not orphans.
+        horizon: with ``outside_impressions`` carrying ``_dt``: an out-of-range click on an
+            impression before ``horizon.start`` that lies on or after
+            ``horizon.lost_click_day`` was read by no run, so it is ``after_horizon``
+            (counted apart, never silently 0); so is a conversion of such a click, and a
+            conversion on or after ``horizon.lost_conversion_day`` of a click whose
+            impression is before the range.
     """
     imps_f = dedup(imps, "impression_id")
     valid_imps = imps_f.where(F.col("_reason").isNull()).select(
@@ -84,13 +129,19 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
     ck = ck.join(valid_imps, ck["impression_id"] == F.col("_p_id"), "left")
     rule = (F.when(F.col("_p_id").isNull(), F.lit("orphan"))
             .when(F.col("_ts") < F.col("_p_ts"), F.lit("before_impression")))
-    oi = _ids(outside_impressions, "impression_id", "_oi")
+    oi = _ids(outside_impressions, "impression_id", "_oi", horizon.start if horizon else None)
+    early = F.lit(False)  # the click's impression is before the range
     if oi is not None:
         ck = ck.join(oi, ck["impression_id"] == F.col("_oi"), "left")
-        rule = F.when(F.col("_p_id").isNull() & F.col("_oi_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(rule)
-    ck = ck.withColumn("_reason", F.coalesce(F.col("_reason"), rule))
+        outside = F.col("_p_id").isNull() & F.col("_oi_x").isNotNull()
+        oor = F.lit(OUT_OF_RANGE)
+        if horizon is not None:
+            early = outside & F.col("_oi_e")
+            oor = F.when(early & (F.col("_dt") >= F.lit(horizon.lost_click_day)), F.lit(AFTER_HORIZON)).otherwise(oor)
+        rule = F.when(outside, oor).otherwise(rule)
+    ck = ck.withColumn("_reason", F.coalesce(F.col("_reason"), rule)).withColumn("_early", early)
     clicks_f = ck.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_p_id"))) \
-        .drop("_p_id", "_p_ts", "_oi", "_oi_x")
+        .drop("_p_id", "_p_ts", "_oi", "_oi_x", "_oi_e")
 
     valid_clicks = clicks_f.where(F.col("_reason").isNull()).select(
         F.col("click_id").alias("_c_id"), F.col("_ts").alias("_c_ts"), F.col("_imp").alias("_c_imp"))
@@ -101,17 +152,27 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
             .when(F.col("_ts") < F.col("_c_ts"), F.lit("before_click"))
             .when(lag_us > F.lit(int(round(window_s * 1_000_000))), F.lit("outside_window")))
     if outside_impressions is not None or outside_clicks is not None:
-        # a conversion on a click that is out of range here, or on a click of an earlier day
-        oc = clicks_f.where(F.col("_reason") == OUT_OF_RANGE).select("click_id")
+        # a conversion on a click that is out of range here, or on a click of an earlier day;
+        # _l: that click is lost itself, _e: its impression is before the range
+        oc = clicks_f.where(F.col("_reason").isin(OUT_OF_RANGE, AFTER_HORIZON)).select(
+            F.col("click_id").cast("string").alias("_oc"), (F.col("_reason") == AFTER_HORIZON).alias("_l"),
+            F.col("_early").alias("_e"))
         if outside_clicks is not None:
-            oc = oc.unionByName(outside_clicks.select(F.col("click_id").cast("string")))
-        ocx = _ids(oc, "click_id", "_oc")
+            before = (F.col("_dt") < F.lit(horizon.start)) if horizon and "_dt" in outside_clicks.columns else F.lit(True)
+            oc = oc.unionByName(outside_clicks.select(F.col("click_id").cast("string").alias("_oc"),
+                                                      F.lit(False).alias("_l"), before.alias("_e")))
+        ocx = (oc.where(F.col("_oc").isNotNull()).groupBy("_oc")
+               .agg(F.max("_l").alias("_oc_l"), F.max("_e").alias("_oc_e")).withColumn("_oc_x", F.lit(True)))
         cv = cv.join(ocx, cv["click_id"] == F.col("_oc"), "left")
-        rule = F.when(F.col("_c_id").isNull() & F.col("_oc_x").isNotNull(), F.lit(OUT_OF_RANGE)).otherwise(rule)
+        oor = F.lit(OUT_OF_RANGE)
+        if horizon is not None:
+            lost = F.col("_oc_l") | (F.col("_oc_e") & (F.col("_dt") >= F.lit(horizon.lost_conversion_day)))
+            oor = F.when(lost, F.lit(AFTER_HORIZON)).otherwise(oor)
+        rule = F.when(F.col("_c_id").isNull() & F.col("_oc_x").isNotNull(), oor).otherwise(rule)
     cv = cv.withColumn("_reason", F.coalesce(F.col("_reason"), rule))
     convs_f = cv.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_c_imp"))) \
-        .drop("_c_id", "_c_ts", "_c_imp", "_oc", "_oc_x")
-    return Flagged(imps_f, clicks_f, convs_f)
+        .drop("_c_id", "_c_ts", "_c_imp", "_oc", "_oc_x", "_oc_l", "_oc_e")
+    return Flagged(imps_f, clicks_f.drop("_early"), convs_f)
 
 
 def labels_from(fl: Flagged) -> DataFrame:
@@ -128,15 +189,45 @@ def labels_from(fl: Flagged) -> DataFrame:
               .withColumn("conversion", F.coalesce(F.col("conversion"), F.lit(0)).cast("tinyint"))
 
 
-def rejects_from(fl: Flagged, row_json: dict) -> DataFrame:
+def _outcomes(table: str) -> tuple[str, ...]:
+    return ("used",) + REASONS[table] + ((OUT_OF_RANGE, AFTER_HORIZON) if table != "impressions" else ())
+
+
+def reason_metrics(table: str) -> list:
+    """Aggregates for ``DataFrame.observe`` over a flagged table: rows per outcome + all rows."""
+    r = F.coalesce(F.col("_reason"), F.lit("used"))
+    return [F.sum(F.when(r == F.lit(o), F.lit(1)).otherwise(F.lit(0))).alias(o) for o in _outcomes(table)] + \
+        [F.count(F.lit(1)).alias("_rows")]
+
+
+def observed_reasons(observations: dict) -> dict[str, dict[str, int]]:
+    """``{table: {reason or "used": n}}`` from the observations :func:`rejects_from` made
+    (only outcomes with rows; a reason outside the known ones shows as ``"unknown"``)."""
+    out: dict[str, dict[str, int]] = {}
+    for t, o in observations.items():
+        got = o.get
+        c = {k: int(got[k] or 0) for k in _outcomes(t) if got.get(k)}
+        rest = int(got["_rows"]) - sum(c.values())
+        if rest:
+            c["unknown"] = rest
+        out[t] = c
+    return out
+
+
+def rejects_from(fl: Flagged, row_json: dict, observations: dict | None = None) -> DataFrame:
     """``(table, reason, row, source_file, detail)`` of every rejected row.
 
     Args:
         row_json: per table name, the Spark expression giving the raw row as JSON.
+        observations: per table name, a ``pyspark.sql.Observation`` that the write of
+            the result fills with the table's rows per outcome (:func:`observed_reasons`),
+            counted on every row before the rejects are filtered out.
     """
     parts = []
     for name, df in (("impressions", fl.impressions), ("clicks", fl.clicks), ("conversions", fl.conversions)):
-        r = df.where(F.col("_reason").isNotNull() & (F.col("_reason") != OUT_OF_RANGE))
+        if observations and name in observations:
+            df = df.observe(observations[name], *reason_metrics(name))
+        r = df.where(F.col("_reason").isNotNull() & ~F.col("_reason").isin(OUT_OF_RANGE, AFTER_HORIZON))
         parts.append(r.select(F.lit(name).alias("table"), F.col("_reason").alias("reason"),
                               row_json[name].alias("row"), F.col("_src").alias("source_file"),
                               F.col("_bad").alias("detail")))

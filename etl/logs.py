@@ -65,6 +65,7 @@ class Table:
     columns: list[str]     # the raw columns, in file order
     format: str            # "parquet" | "json"
     days: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the data files read
 
 
 def list_days(spark, logs: str, table: str, required: bool = True) -> dict[str, str]:
@@ -86,12 +87,14 @@ def list_days(spark, logs: str, table: str, required: bool = True) -> dict[str, 
     return days
 
 
-def _detect_format(spark, table: str, folders: list[str]) -> str:
-    kinds = set()
+def _detect_format(spark, table: str, folders: list[str]) -> tuple[str, list[str]]:
+    """(format, data files) of a table's day folders."""
+    kinds, files = set(), []
     for d in folders:
         for rel in fs.walk_files(spark, d):
             base = posixpath.basename(rel)
-            if base.startswith(("_", ".")) or base.endswith(".crc"):
+            if base.startswith(("_", ".")) or base.endswith(".crc") or any(
+                    p.startswith(("_", ".")) for p in rel.split("/")[:-1]):
                 continue
             low = base.lower()
             if low.endswith(PARQUET_EXT):
@@ -100,9 +103,18 @@ def _detect_format(spark, table: str, folders: list[str]) -> str:
                 kinds.add("json")
             else:
                 raise InputError(f"{posixpath.join(d, rel)}: not a .parquet or .json/.jsonl file")
+            files.append(posixpath.join(d, rel))
     if len(kinds) > 1:
         raise InputError(f"{table}: mixes Parquet and JSON Lines files; use one format per table")
-    return kinds.pop() if kinds else "parquet"
+    return (kinds.pop() if kinds else "parquet"), files
+
+
+def raw_rows(spark, table: "Table") -> int:
+    """Rows of a table counted from the files, apart from the flagging: Parquet footers,
+    or the non-blank lines of JSON Lines."""
+    if table.format == "parquet":
+        return sum(fs.parquet_rows(spark, table.files).values())
+    return fs.text_lines(spark, table.files)
 
 
 def _numeric(t: T.DataType) -> bool:
@@ -155,7 +167,7 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
         columns: read only these raw columns (id lookups); None reads all.
     """
     paths = [folders[d] for d in days]
-    fmt = _detect_format(spark, table, paths) if paths else "parquet"
+    fmt, files = _detect_format(spark, table, paths) if paths else ("parquet", [])
     req = REQUIRED[table]
     if not paths:
         schema = T.StructType([T.StructField(c, T.StringType()) for c in req])
@@ -165,7 +177,10 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
     else:
         try:
             if fmt == "parquet":
-                raw = spark.read.option("mergeSchema", "true").parquet(*paths)
+                # the schema of one footer (the newest file), not a merge over every file
+                schema = spark.read.parquet(files[-1]).schema if files else None
+                rd = spark.read.schema(schema) if schema is not None else spark.read
+                raw = rd.parquet(*paths)
                 has_corrupt = False
             else:
                 inferred = spark.read.option("mode", "PERMISSIVE").json(paths).schema
@@ -184,8 +199,10 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
     if missing:
         raise InputError(f"{posixpath.join(logs, table)}: required column {missing[0]!r} missing "
                          f"(columns: {', '.join(names)})")
-    if columns is not None:  # an id lookup: no parsing, no flags
-        return Table(table, raw.select(*[F.col(c).cast("string") for c in columns]), list(columns), fmt, list(days))
+    if columns is not None:  # an id lookup: no parsing, no flags; + its partition day
+        dt = F.regexp_extract(src, r"/dt=(\d{4}-\d{2}-\d{2})/", 1)
+        return Table(table, raw.select(*[F.col(c).cast("string") for c in columns], dt.alias("_dt")),
+                     list(columns), fmt, list(days), files)
     ts_type = raw.schema["ts"].dataType if "ts" in raw.columns else T.StringType()
     bad = F.lit(None).cast("string")
     # the first problem found names the row's reason (checked in reverse, so the first wins)
@@ -212,7 +229,7 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
     else:
         df = (df.withColumn("_line", F.lit(None).cast("string"))
               .withColumn("_ord", F.lpad(F.col("_ri").cast("string"), 20, "0")).drop("_ri"))
-    return Table(table, df, names, fmt, list(days))
+    return Table(table, df, names, fmt, list(days), files)
 
 
 def row_json(table: Table):

@@ -2,30 +2,36 @@
 
 ``run_etl(spark, logs, out, ...)`` is what ``esmm etl`` and ``spark-submit jobs/etl.py``
 call. Days: with no ``start``/``end`` every day present; with them, impressions of
-``[start, end]`` and clicks/conversions of ``[start, end + window_days]``; clicks and
+``[start, end]``, clicks of ``[start, end + H]`` and conversions of
+``[start, end + H + ceil(window_days)]`` (H = ``click_horizon_days``), so the labels of
+``end`` are final when the logs of ``end + H + ceil(W)`` are complete. Clicks and
 conversions that belong to impressions outside that range are counted under
-``out_of_range`` in the manifest (not rejects), so ``read = used + rejected +
-out_of_range`` holds per table (checked; a mismatch fails the job before commit).
+``out_of_range`` in the manifest (not rejects), those that the previous run (taken to
+end on ``start - 1``) could not read under ``after_horizon``, so ``read = used +
+rejected + out_of_range + after_horizon`` holds per table (checked; a mismatch fails the
+job before commit).
 Split: days before ``split_date`` train, the rest test; without it, the earlier half of
 the days (rounded down) train. Vocabularies count train days only.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import posixpath
 from dataclasses import dataclass
 
-from pyspark import StorageLevel
+from pyspark.sql import Observation
 from pyspark.sql import functions as F
 
 from etl import fs
 from etl.errors import InputError
 from etl.features import load_spec, resolve_fields
-from etl.labels import OUT_OF_RANGE, REASONS, Flagged, flag, labels_from, reason_counts, rejects_from
-from etl.logs import TABLES, list_days, parse_day, read_table, row_json, select_days
+from etl.labels import (AFTER_HORIZON, OUT_OF_RANGE, REASONS, Horizon, flag, labels_from, observed_reasons,
+                        rejects_from)
+from etl.logs import TABLES, list_days, parse_day, raw_rows, read_table, row_json, select_days
 from etl.shards import write_dataset
-from etl.vocab import build_vocab, collect_vocab, encode_columns
+from etl.vocab import count_vocab, encode_columns, read_prev_vocab
 
-KEEP = ["sample_id", "ts", "dt", "click", "conversion", "_user_raw", "_item_raw"]
+KEEP = ["sample_id", "ts", "dt", "click", "conversion"]
 
 
 class ConservationError(RuntimeError):
@@ -38,6 +44,56 @@ class Extracted:
     outside_impressions: object  # DataFrame | None
     outside_clicks: object
     days: list[str]  # impression days read
+
+
+@dataclass
+class ParentVocab:
+    """The ``--vocab-from`` parent: its vocabulary and, per vocab field, the highest id it holds."""
+    path: str
+    vocab: object  # DataFrame (field, value, id, count)
+    sizes: dict    # field -> the parent's vocab_size (vocab fields present in both)
+    top: dict      # field -> vocab_size - 1: new ids start above it
+
+    @classmethod
+    def read(cls, spark, prev: str, fields: list[dict]) -> "ParentVocab":
+        vocab, pfields, path = read_prev_vocab(spark, prev)
+        by_name = {f["name"]: f for f in pfields}
+        sizes = {}
+        for f in fields:
+            p = by_name.get(f["name"])
+            if p is None:
+                continue  # a field the parent did not have: fresh ids from 1
+            if (p.get("kind"), p.get("hash_buckets")) != (f["kind"], f.get("hash_buckets")):
+                raise InputError(f"--vocab-from {prev}: field {f['name']!r} is kind {p.get('kind')!r}"
+                                 f"{' with hash_buckets ' + str(p['hash_buckets']) if p.get('hash_buckets') else ''}"
+                                 f" there but {f['kind']!r}"
+                                 f"{' with hash_buckets ' + str(f['hash_buckets']) if f.get('hash_buckets') else ''}"
+                                 f" here: its ids would not carry over")
+            if not f.get("hash_buckets"):
+                try:
+                    sizes[f["name"]] = int(p["vocab_size"])
+                except (KeyError, TypeError, ValueError):
+                    raise InputError(f"--vocab-from {prev}: field {f['name']!r} has no integer vocab_size") from None
+        return cls(path, vocab, sizes, {k: v - 1 for k, v in sizes.items()})
+
+    def lineage(self, values: dict) -> dict:
+        """The manifest's ``vocab`` key: the parent and the new ids per vocab field."""
+        return {"parent": self.path,
+                "new_ids": {f: max(0, len(v) - self.top.get(f, 0)) for f, v in values.items()}}
+
+
+def manifest_fields(fields: list[dict], values: dict, parent: ParentVocab | None = None) -> list[dict]:
+    """Manifest ``fields``: vocab_size = max id + 1 (never below the parent's), hashed B + 1."""
+    out = []
+    for f in fields:
+        if f.get("hash_buckets"):
+            size = f["hash_buckets"] + 1
+        else:
+            size = max(len(values[f["name"]]) + 1, parent.sizes.get(f["name"], 0) if parent else 0)
+        m = {"name": f["name"], "kind": f["kind"], "vocab_size": size, "group": f["group"]}
+        m.update({k: f[k] for k in ("min_count", "hash_buckets") if k in f})
+        out.append(m)
+    return out
 
 
 def split_days(days: list[str], split_date: str | None) -> tuple[list[str], list[str]]:
@@ -55,59 +111,77 @@ def split_days(days: list[str], split_date: str | None) -> tuple[list[str], list
     return train, test
 
 
-def extract(spark, logs: str, start: str | None, end: str | None, window_days: float) -> Extracted:
-    """Read the days needed of the three tables (+ ids outside the range for ranged runs)."""
+def extract(spark, logs: str, start: str | None, end: str | None, window_days: float,
+            click_horizon_days: int = 1) -> Extracted:
+    """Read the days needed of the three tables (+ ids outside the range for ranged runs).
+
+    A ranged run reads impressions of ``[start, end]``, clicks of ``[start, end + H]`` and
+    conversions of ``[start, end + H + ceil(W)]`` (H the click horizon), so an impression
+    of ``end`` clicked up to H days later and converting W days after that click is
+    labelled. Ids of other days come only from the days that can matter: impressions of
+    ``[start - H - ceil(W), start)`` and ``(end, end + H]``, clicks of
+    ``[start - H - ceil(W), start)`` and ``(end + H, end + H + ceil(W)]``; a click or conversion whose impression or click is
+    older than that is far outside any window and counted as an orphan.
+    """
     if start and end and parse_day(start, "--start") > parse_day(end, "--end"):
         raise InputError(f"--start {start} is after --end {end}")
     folders = {t: list_days(spark, logs, t) for t in TABLES}
     if not folders["impressions"]:
         raise InputError(f"{posixpath.join(logs, 'impressions')}: no dt=YYYY-MM-DD partitions")
-    extra = int(-(-window_days // 1))  # whole days after `end` that may hold its clicks/conversions
+    wd = window_whole_days(window_days)
+    h = int(click_horizon_days)
     imp_days = select_days(list(folders["impressions"]), start, end)
     if not imp_days:
         raise InputError(f"{posixpath.join(logs, 'impressions')}: no days within --start {start} --end {end}")
     days = {"impressions": imp_days,
-            "clicks": select_days(list(folders["clicks"]), start, end, extra),
-            "conversions": select_days(list(folders["conversions"]), start, end, extra)}
+            "clicks": select_days(list(folders["clicks"]), start, end, h),
+            "conversions": select_days(list(folders["conversions"]), start, end, h + wd)}
     tables = {t: read_table(spark, logs, t, days[t], folders[t]) for t in TABLES}
     oi = oc = None
     if start or end:
-        other = [d for d in folders["impressions"] if d not in imp_days]
+        lo = (parse_day(start, "--start") - _dt.timedelta(days=h + wd)).isoformat() if start else None
+        hi = (parse_day(end, "--end") + _dt.timedelta(days=h)).isoformat() if end else None
+        other = [d for d in folders["impressions"] if d not in imp_days
+                 and (lo is None or d >= lo) and (hi is None or d <= hi)]
         if other:
             oi = read_table(spark, logs, "impressions", other, folders["impressions"], columns=["impression_id"]).df
-        before = [d for d in folders["clicks"] if start and d < start]
-        if before:
-            oc = read_table(spark, logs, "clicks", before, folders["clicks"], columns=["click_id"]).df
+        # clicks before the range (their conversions belong to earlier runs) and clicks after
+        # end + H that conversions read here may follow (they belong to later runs)
+        after_hi = (parse_day(end, "--end") + _dt.timedelta(days=h + wd)).isoformat() if end else None
+        oc_days = [d for d in folders["clicks"] if d not in days["clicks"]
+                   and (lo is None or d >= lo) and (after_hi is None or d <= after_hi)]
+        if oc_days:
+            oc = read_table(spark, logs, "clicks", oc_days, folders["clicks"], columns=["click_id"]).df
         if oi is None and oc is None:
-            oi = spark.createDataFrame([], "impression_id string")
+            oi = spark.range(0).select(F.lit(None).cast("string").alias("impression_id"),
+                                       F.lit(None).cast("string").alias("_dt"))  # no Python worker
     return Extracted(tables, oi, oc, imp_days)
 
 
-def read_counts(tables: dict) -> dict[str, int]:
-    """Rows of each raw table, counted apart from the flagging (one job)."""
-    parts = [tables[t].df.select(F.lit(t).alias("t")) for t in TABLES]
-    u = parts[0].unionByName(parts[1]).unionByName(parts[2])
-    got = {r["t"]: int(r["count"]) for r in u.groupBy("t").count().collect()}
-    return {t: got.get(t, 0) for t in TABLES}
+def window_whole_days(window_days: float) -> int:
+    """Whole days after a click that may hold its conversions (ceil of the window)."""
+    return int(-(-window_days // 1))
 
 
 def check_conservation(counts: dict, read: dict) -> dict:
-    """Per table ``read == used + rejected + out_of_range``; returns the used counts."""
+    """Per table ``read == used + rejected + out_of_range + after_horizon``; returns the used counts."""
     used = {}
     for t in TABLES:
         c = counts[t]
-        unknown = set(c) - set(REASONS[t]) - {"used", OUT_OF_RANGE}
+        unknown = set(c) - set(REASONS[t]) - {"used", OUT_OF_RANGE, AFTER_HORIZON}
         if unknown:
             raise ConservationError(f"{t}: unexpected reasons {sorted(unknown)}")
         total = sum(c.values())
         if total != read[t]:
-            raise ConservationError(f"{t}: read {read[t]} rows but used + rejected + out_of_range = {total} ({c})")
+            raise ConservationError(f"{t}: read {read[t]} rows but used + rejected + out_of_range + after_horizon"
+                                    f" = {total} ({c})")
         used[t] = c.get("used", 0)
     return used
 
 
 def run_etl(spark, logs: str, out: str, features: str | None = None, split_date: str | None = None,
-            window_days: float = 7, start: str | None = None, end: str | None = None, shards: int = 4) -> dict:
+            window_days: float = 7, start: str | None = None, end: str | None = None, shards: int = 4,
+            vocab_from: str | None = None, click_horizon_days: int = 1) -> dict:
     """Logs -> ``out`` (shards, rejects, vocab, manifest). Returns the manifest.
 
     Args:
@@ -118,86 +192,125 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
         window_days (float): attribution window after the click, in days.
         start, end (str): impression days to process (inclusive); None = all.
         shards (int): Parquet files per split and day.
+        click_horizon_days (int): ranged runs read clicks through ``end + H`` and
+            conversions through ``end + H + ceil(window_days)`` (see :func:`extract`).
+        vocab_from (str): a data root or model bundle whose vocabularies this run grows
+            (known values keep their ids; see :class:`ParentVocab`); None builds fresh ones.
     """
     if window_days < 0:
         raise InputError(f"--window-days must be >= 0 (got {window_days})")
     if shards < 1:
         raise InputError(f"--shards must be >= 1 (got {shards})")
+    if int(click_horizon_days) != click_horizon_days or click_horizon_days < 0:
+        raise InputError(f"--click-horizon-days must be an integer >= 0 (got {click_horizon_days})")
     logs_q, out_q = fs.qualify(spark, logs), fs.qualify(spark, out)
     if not fs.is_dir(spark, logs_q):
         raise InputError(f"{logs}: no such log folder")
     if out_q.rstrip("/") == logs_q.rstrip("/") or out_q.startswith(logs_q.rstrip("/") + "/"):
         raise InputError(f"--out {out} is inside the log root {logs}")
     spec = load_spec(features) if features else None
+    parent = None
     if split_date:
         parse_day(split_date, "--split-date")
 
     # extract
-    ex = extract(spark, logs_q, start, end, window_days)
+    ex = extract(spark, logs_q, start, end, window_days, click_horizon_days)
     imps = ex.tables["impressions"]
     raw_schema = imps.df.select(*imps.columns).schema
     fields = resolve_fields(spec, raw_schema)
+    if vocab_from:
+        parent = ParentVocab.read(spark, vocab_from, fields)
     train_days, test_days = split_days(ex.days, split_date)
 
-    # transform: flag every row, check conservation against an independent count
+    # transform: flag every row (lazy: nothing is persisted); raw rows counted from the files
+    horizon = Horizon(start, int(click_horizon_days), window_whole_days(window_days)) if start else None
     fl = flag(imps.df, ex.tables["clicks"].df, ex.tables["conversions"].df, window_days * 86400.0,
-              ex.outside_impressions, ex.outside_clicks)
-    fl = Flagged(*(df.persist(StorageLevel.DISK_ONLY) for df in (fl.impressions, fl.clicks, fl.conversions)))
-    try:
-        read = read_counts(ex.tables)
-        counts = reason_counts(fl)
-        used = check_conservation(counts, read)
-        reject_counts = {f"{t}.{r}": counts[t].get(r, 0) for t in TABLES for r in REASONS[t]}
-        out_of_range = {t: counts[t].get(OUT_OF_RANGE, 0) for t in ("clicks", "conversions")}
+              ex.outside_impressions, ex.outside_clicks, horizon)
+    read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
 
-        labelled = labels_from(fl)
-        feats = [f["name"] for f in fields]
-        samples = labelled.select(
-            F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
-            "click", "conversion", F.col("user_id").cast("string").alias("_user_raw"),
-            F.col("item_id").cast("string").alias("_item_raw"), *[F.col(n) for n in feats])
-        vocab = build_vocab(samples.where(F.col("dt").isin(train_days)), fields).persist(StorageLevel.MEMORY_AND_DISK)
-        values = collect_vocab(vocab, fields)
-        sizes = {name: len(v) + 1 for name, v in values.items()}
-        mfields = []
-        for f in fields:
-            m = {"name": f["name"], "kind": f["kind"],
-                 "vocab_size": f["hash_buckets"] + 1 if f.get("hash_buckets") else sizes[f["name"]],
-                 "group": f["group"]}
-            m.update({k: f[k] for k in ("min_count", "hash_buckets") if k in f})
-            mfields.append(m)
-        # split first, then encode: each row goes through the Arrow lookup once
-        splits = {"train": encode_columns(samples.where(F.col("dt").isin(train_days)), fields, values, keep=KEEP),
-                  "test": encode_columns(samples.where(F.col("dt").isin(test_days)), fields, values, keep=KEEP)}
+    # one job: vocabulary counts of the train days + distinct users/items per split
+    valid = fl.impressions.where(F.col("_reason").isNull())
+    vocab, values, uniques = count_vocab(valid, fields, train_days, parent)
+    mfields = manifest_fields(fields, values, parent)
 
-        def check(manifest: dict) -> None:
-            written = sum(s["impressions"] for s in manifest["splits"].values())
-            if written != used["impressions"]:
-                raise ConservationError(f"impressions: {used['impressions']} valid but {written} samples written")
-            clicked = sum(s["clicks"] for s in manifest["splits"].values())
-            if clicked > used["clicks"]:
-                raise ConservationError(f"{clicked} clicked samples but only {used['clicks']} valid clicks")
+    labelled = labels_from(fl)
+    samples = labelled.select(
+        F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
+        "click", "conversion", *[F.col(f["name"]) for f in fields])
+    encoded = encode_columns(samples, fields, values, keep=KEEP)
+    splits = encoded.withColumn("_split", F.when(F.col("dt").isin(train_days), F.lit("train")).otherwise(F.lit("test")))
 
-        truth = posixpath.join(logs_q, "truth")
-        inputs = {
-            "kind": "logs", "logs": logs_q, "truth": truth if fs.is_dir(spark, truth) else None,
-            "start": start, "end": end,
-            "window_days": int(window_days) if float(window_days).is_integer() else window_days,
-            "split_date": test_days[0] if test_days else split_date,
-            "features": fs.qualify(spark, features) if features else None,
-            "formats": {t: ex.tables[t].format for t in TABLES},
-            "days": {t: ex.tables[t].days for t in TABLES},
-        }
-        manifest = write_dataset(
-            spark, out_q, splits, mfields, shards=shards, inputs=inputs,
-            rejects=rejects_from(fl, {t: row_json(ex.tables[t]) for t in TABLES}),
-            reject_counts=reject_counts, read_counts=read, created_by="esmm etl", vocab=vocab,
-            user_field="_user_raw", item_field="_item_raw",
-            extra={"used": used, "out_of_range": out_of_range}, check=check)
-    finally:
-        for df in (fl.impressions, fl.clicks, fl.conversions):
-            df.unpersist()
-        if "vocab" in locals():
-            vocab.unpersist()
+    # the rejects write observes every row's reason (used included): no extra scan for counts
+    obs = {t: Observation(f"reasons_{t}") for t in TABLES}
+    rejects = rejects_from(fl, {t: row_json(ex.tables[t]) for t in TABLES}, observations=obs)
+    state: dict = {}
+
+    def counts_done() -> dict:
+        if not state:
+            counts = observed_reasons(obs)
+            state["used"] = check_conservation(counts, read)
+            state["rejects"] = {f"{t}.{r}": counts[t].get(r, 0) for t in TABLES for r in REASONS[t]}
+            state["extra"] = {
+                "used": state["used"],
+                "out_of_range": {t: counts[t].get(OUT_OF_RANGE, 0) for t in ("clicks", "conversions")},
+                "after_horizon": {t: counts[t].get(AFTER_HORIZON, 0) for t in ("clicks", "conversions")},
+                **({"vocab": parent.lineage(values)} if parent else {})}
+        return state
+
+    def check(manifest: dict) -> None:
+        used = counts_done()["used"]
+        written = sum(s["impressions"] for s in manifest["splits"].values())
+        if written != used["impressions"]:
+            raise ConservationError(f"impressions: {used['impressions']} valid but {written} samples written")
+        clicked = sum(s["clicks"] for s in manifest["splits"].values())
+        if clicked > used["clicks"]:
+            raise ConservationError(f"{clicked} clicked samples but only {used['clicks']} valid clicks")
+
+    truth = posixpath.join(logs_q, "truth")
+    inputs = {
+        "kind": "logs", "logs": logs_q, "truth": truth if fs.is_dir(spark, truth) else None,
+        "start": start, "end": end,
+        "window_days": int(window_days) if float(window_days).is_integer() else window_days,
+        "click_horizon_days": int(click_horizon_days),
+        "split_date": test_days[0] if test_days else split_date,
+        "features": fs.qualify(spark, features) if features else None,
+        "formats": {t: ex.tables[t].format for t in TABLES},
+        "days": {t: ex.tables[t].days for t in TABLES},
+    }
+    manifest = write_dataset(
+        spark, out_q, splits, mfields, shards=shards, inputs=inputs, rejects=rejects,
+        reject_counts=lambda: counts_done()["rejects"], read_counts=read, created_by="esmm etl", vocab=vocab,
+        extra=lambda: counts_done()["extra"], check=check,
+        days={"train": train_days, "test": test_days}, uniques=uniques)
     return manifest
 
+
+
+@dataclass
+class DayImpressions:
+    """Impressions of one day, flagged by the impression reject rules (for scoring)."""
+    valid: object    # DataFrame: valid impressions, every raw column + _ts (parsed), _dt, _src
+    flagged: object  # DataFrame: every row read + _reason (null, "malformed" or "duplicate")
+    columns: list    # the raw columns, in file order
+    read: int        # rows in the files (footers / lines), counted apart from the flagging
+
+
+def day_impressions(spark, logs: str, day: str) -> DayImpressions:
+    """Valid impressions of ``day`` with all raw columns, and the impression rejects.
+
+    The same rules as ``esmm etl`` (:func:`etl.labels.dedup`: malformed, then duplicate
+    impression_id keeping the earliest). Counting the rejects without an extra job:
+    ``df.observe(obs, *etl.labels.reason_metrics("impressions"))`` on ``flagged`` before
+    filtering, then ``etl.labels.observed_reasons({"impressions": obs})``; or
+    ``flagged.groupBy("_reason").count()`` as one job.
+    """
+    from etl.labels import dedup
+
+    parse_day(day, "--day")
+    folders = list_days(spark, fs.qualify(spark, logs), "impressions")
+    if day not in folders:
+        raise InputError(f"{posixpath.join(logs, 'impressions')}: no partition dt={day}")
+    t = read_table(spark, fs.qualify(spark, logs), "impressions", [day], folders)
+    flagged = dedup(t.df, "impression_id")
+    valid = flagged.where(F.col("_reason").isNull()).select(*t.columns, "_ts", "_dt", "_src")
+    return DayImpressions(valid, flagged, list(t.columns), raw_rows(spark, t))

@@ -44,7 +44,6 @@ import os
 import posixpath
 import uuid
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -61,8 +60,9 @@ REJECT_KEYS = (
     "conversions.before_click", "conversions.outside_window",
 )
 REJECTS_SCHEMA = "table string, reason string, row string, source_file string"
-# Test hook: die right before the commit rename (tests/test_etl_commit.py).
+# Test hooks: die right before the commit rename; lose a shard file right after the write.
 DIE_ENV = "ESMM_TEST_DIE_BEFORE_COMMIT"
+LOSE_ENV = "ESMM_TEST_LOSE_SHARD_FILE"
 
 
 def _shard_columns(df: DataFrame, fields: list[dict], split: str) -> list:
@@ -95,119 +95,253 @@ def _distinct_expr(df: DataFrame, name: str | None):
     return F.countDistinct(c)
 
 
+OWNER = "_OWNER"  # in a staging folder: host, pid and start of the run writing it
+STALE_S = float(os.environ.get("ESMM_STAGING_STALE_HOURS", "48")) * 3600  # another host's staging
+
+
+class WriteCheckError(RuntimeError):
+    """The files written do not hold the rows the job wrote: a bug or a lost file, never bad input."""
+
+
+def _owner_alive(spark, folder: str) -> bool:
+    """Whether the run that owns a staging folder may still be writing it.
+
+    Same host: its pid is alive. Another host (or no owner file): younger than
+    ``ESMM_STAGING_STALE_HOURS`` (default 48). A folder without an owner file is dead.
+    """
+    import socket
+    import time
+
+    try:
+        info = json.loads(fs.read_text(spark, posixpath.join(folder, OWNER)))
+    except Exception:
+        return False
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except (ProcessLookupError, ValueError, KeyError, TypeError):
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(info.get("started", 0)) < STALE_S
+
+
 def _recover_and_clean(spark, out: str) -> None:
-    """Undo a commit interrupted between its renames; drop stale staging folders."""
+    """Undo a commit interrupted between its renames; drop dead runs' staging folders.
+
+    Never deletes the staging folder of a run that may still be writing (see
+    :func:`_owner_alive`), nor the only intact copy: when ``out`` is missing, the newest
+    intact ``.old-`` copy (with ``_SUCCESS``) is renamed back first, and an ``.old-``
+    copy is deleted only while ``out`` is intact.
+    """
     parent, base = posixpath.split(out)
     entries = fs.listdir(spark, parent)
     if not fs.exists(spark, out):
-        olds = [n for n, d in entries if d and n.startswith(base + ".old-")
-                and fs.exists(spark, posixpath.join(parent, n, "_SUCCESS"))]
+        olds = []
+        for n, d in entries:
+            full = posixpath.join(parent, n)
+            if d and n.startswith(base + ".old-") and fs.exists(spark, posixpath.join(full, "_SUCCESS")):
+                try:
+                    made = json.loads(fs.read_text(spark, posixpath.join(full, "manifest.json"))).get("created_at", "")
+                except Exception:
+                    made = ""
+                olds.append((made, n))
         if olds:
-            fs.rename(spark, posixpath.join(parent, olds[-1]), out)
+            fs.rename(spark, posixpath.join(parent, max(olds)[1]), out)
+    intact = fs.exists(spark, posixpath.join(out, "_SUCCESS"))
     for n, d in entries:
-        if d and (n.startswith(base + ".staging-") or n.startswith(base + ".old-")):
-            if fs.exists(spark, posixpath.join(parent, n)):
-                fs.delete(spark, posixpath.join(parent, n))
+        full = posixpath.join(parent, n)
+        if not d or not fs.exists(spark, full):
+            continue
+        if n.startswith(base + ".staging-") and not _owner_alive(spark, full):
+            fs.delete(spark, full)
+        elif n.startswith(base + ".old-") and intact:
+            fs.delete(spark, full)
 
 
-def _empty_template(spark, schema: T.StructType, where: str) -> str:
-    """Write a zero-row Parquet file with ``schema``; return its path."""
-    spark.createDataFrame([], schema).coalesce(1).write.mode("overwrite").parquet(where)
+def _empty_template(spark, like: DataFrame, where: str) -> str:
+    """Write a zero-row Parquet file with the schema of ``like``; return its path.
+
+    ``limit(0)`` plans to an empty local relation: no scan and no Python worker.
+    """
+    like.limit(0).coalesce(1).write.mode("overwrite").parquet(where)
     parts = [p for p in fs.walk_files(spark, where) if p.endswith(".parquet")]
     return posixpath.join(where, parts[0])
 
 
-def write_dataset(spark, out: str, splits: dict[str, DataFrame], fields: list[dict], *, shards: int,
-                  inputs: dict, rejects: DataFrame | None, reject_counts: dict[str, int],
-                  read_counts: dict[str, int], created_by: str, vocab: DataFrame | None = None,
+def _day_stats(df: DataFrame, days: dict[str, list[str]]):
+    """Aggregates for ``DataFrame.observe``: rows, clicks and conversions per (split, day)."""
+    aggs = []
+    for split, ds in days.items():
+        for i, d in enumerate(ds):
+            hit = (F.col("_split") == F.lit(split)) & (F.col("dt") == F.lit(d))
+            for k, c in (("n", F.lit(1)), ("y", F.col("click")), ("z", F.col("conversion"))):
+                aggs.append(F.sum(F.when(hit, c.cast("long")).otherwise(F.lit(0).cast("long"))).alias(f"{k}|{split}|{d}"))
+    aggs.append(F.count(F.lit(1)).alias("rows"))
+    return aggs
+
+
+def write_dataset(spark, out: str, splits: "dict[str, DataFrame] | DataFrame", fields: list[dict], *, shards: int,
+                  inputs: dict, rejects: DataFrame | None, reject_counts, read_counts: dict[str, int],
+                  created_by: str, vocab: DataFrame | None = None,
                   user_field: str | None = "user_id", item_field: str | None = "item_id",
-                  extra: dict | None = None, row_group_bytes: int = 16 << 20, seed: int = 0,
-                  check=None) -> dict:
+                  extra=None, row_group_bytes: int = 16 << 20, seed: int = 0,
+                  check=None, days: dict[str, list[str]] | None = None,
+                  uniques: dict[str, tuple] | None = None) -> dict:
     """Write shards + rejects + vocab + manifest to staging, then commit by rename.
 
     See the module docstring for the column contract. ``check(manifest)``, if given, runs
     before the commit; an exception there leaves the previous output in place.
+
+    ``splits`` may also be ONE DataFrame with a ``_split`` column (then ``days`` names the
+    splits), so a plan shared by the splits runs once. One job writes every split with
+    one ``partitionBy``; given ``days`` (``{split: [day]}``,
+    every day a split may hold), the per-day counts come with that write
+    (``DataFrame.observe``), else from one aggregation before it. ``uniques``
+    (``{split: (users, items)}``) skips the distinct-count job. ``reject_counts`` and
+    ``extra`` may be callables, called after the writes (so they can read observations
+    made by the rejects write). After the write, the rows in the written files' footers
+    must equal the rows written, per split and day: a lost file fails the job before the
+    commit (:class:`WriteCheckError`).
     Returns the manifest dict.
     """
     if shards < 1:
         raise ValueError("shards must be >= 1")
-    unknown = set(reject_counts) - set(REJECT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown reject keys {sorted(unknown)}")
     out = fs.qualify(spark, out)
     _recover_and_clean(spark, out)
     staging = f"{out}.staging-{uuid.uuid4().hex[:12]}"
     fs.mkdirs(spark, staging)
+    import socket
+    import time
 
-    # All splits in one frame, persisted once: one stats pass, one distinct pass, one write.
-    names = list(splits)
-    sel = {n: _shard_columns(df, fields, n) for n, df in splits.items()}
-    parts = []
-    for n, df in splits.items():
-        extra_cols = [F.col(c).alias(c) for c in {user_field, item_field} if c and c in df.columns
-                      and c not in {"sample_id", "ts", "dt", "click", "conversion"} and c.startswith("_")]
-        parts.append(df.select(F.lit(n).alias("_split"), F.col("dt").cast("string").alias("dt"), *sel[n],
-                               *extra_cols))
+    fs.write_text(spark, posixpath.join(staging, OWNER),
+                  json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+    try:
+        manifest = _write_staging(spark, staging, splits, fields, shards=shards, inputs=inputs, rejects=rejects,
+                                  reject_counts=reject_counts, read_counts=read_counts, created_by=created_by,
+                                  vocab=vocab, user_field=user_field, item_field=item_field, extra=extra,
+                                  row_group_bytes=row_group_bytes, seed=seed, check=check, days=days,
+                                  uniques=uniques)
+    except BaseException:
+        fs.delete(spark, staging)
+        raise
+    if os.environ.get(DIE_ENV):
+        os._exit(3)
+    fs.delete(spark, posixpath.join(staging, OWNER))
+    old = None
+    if fs.exists(spark, out):
+        old = f"{out}.old-{uuid.uuid4().hex[:12]}"
+        fs.rename(spark, out, old)
+    fs.rename(spark, staging, out)
+    if old:
+        fs.delete(spark, old)
+    return manifest
+
+
+def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, reject_counts, read_counts,
+                   created_by, vocab, user_field, item_field, extra, row_group_bytes, seed, check, days,
+                   uniques) -> dict:
+    from pyspark.sql import Observation
+
+    if isinstance(splits, DataFrame):  # one frame, its split in column _split: one plan, read once
+        if days is None or "_split" not in splits.columns:
+            raise ValueError("a single frame needs a _split column and the days of each split")
+        names = list(days)
+        parts = [splits.select(F.col("_split").cast("string").alias("_split"), F.col("dt").cast("string").alias("dt"),
+                               *_shard_columns(splits, fields, "all"))]
+    else:
+        names = list(splits)
+        parts = []
+        for n, df in splits.items():
+            extra_cols = [F.col(c).alias(c) for c in {user_field, item_field} if c and c in df.columns
+                          and c not in {"sample_id", "ts", "dt", "click", "conversion"} and c.startswith("_")]
+            parts.append(df.select(F.lit(n).alias("_split"), F.col("dt").cast("string").alias("dt"),
+                                   *_shard_columns(df, fields, n), *([] if uniques is not None else extra_cols)))
     allrows = parts[0]
     for p in parts[1:]:
         allrows = allrows.unionByName(p, allowMissingColumns=True)
-    allrows = allrows.persist(StorageLevel.DISK_ONLY)  # wide list columns: keep them off the heap
-    try:
-        per_day: dict[str, dict] = {n: {} for n in names}
-        for r in allrows.groupBy("_split", "dt").agg(
-                F.count(F.lit(1)).alias("n"), F.sum(F.col("click").cast("long")).alias("y"),
-                F.sum(F.col("conversion").cast("long")).alias("z")).collect():
+
+    if days is None:  # no day list: one aggregation first
+        days = {n: [] for n in names}
+        for r in allrows.groupBy("_split", "dt").count().collect():
             if r["dt"] is None:
                 raise ValueError(f"split {r['_split']!r} has rows with a null dt")
-            per_day[r["_split"]][r["dt"]] = r
-        uniq = {r["_split"]: r for r in allrows.groupBy("_split").agg(
+            days[r["_split"]].append(r["dt"])
+        days = {n: sorted(v) for n, v in days.items()}
+    if uniques is None:
+        uniques = {r["_split"]: (r["u"], r["i"]) for r in allrows.groupBy("_split").agg(
             _distinct_expr(allrows, user_field).alias("u"), _distinct_expr(allrows, item_field).alias("i")).collect()}
-        n_groups = sum(len(v) for v in per_day.values()) * shards
-        raw = posixpath.join(staging, "_raw")
-        shard_of = F.pmod(F.xxhash64(F.col("sample_id")), F.lit(shards)).cast("int")
-        order = F.xxhash64(F.col("sample_id"), F.lit(seed))
-        cols = [c for c in parts[0].columns if not c.startswith("_") and c != "dt"]  # the shard columns
-        (allrows.select("_split", "dt", shard_of.alias("_shard"), order.alias("_order"), *cols)
-         .repartition(max(1, n_groups), "_split", "dt", "_shard")
-         .sortWithinPartitions("_split", "dt", "_shard", "_order", "sample_id")
-         .drop("_order")
-         .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
-         .partitionBy("_split", "dt", "_shard").parquet(raw))
-        schema = allrows.select(*cols).schema
-    finally:
-        allrows.unpersist()
+
+    raw = posixpath.join(staging, "_raw")
+    shard_of = F.pmod(F.xxhash64(F.col("sample_id")), F.lit(shards)).cast("int")
+    order = F.xxhash64(F.col("sample_id"), F.lit(seed))
+    cols = [c for c in parts[0].columns if not c.startswith("_") and c != "dt"]  # the shard columns
+    n_groups = max(1, sum(len(v) for v in days.values()) * shards)
+    obs = Observation("shards")
+    observed = allrows.observe(obs, *_day_stats(allrows, days))
+    (observed.select("_split", "dt", shard_of.alias("_shard"), order.alias("_order"), *cols)
+     .repartition(n_groups, "_split", "dt", "_shard")
+     .sortWithinPartitions("_split", "dt", "_shard", "_order", "sample_id")
+     .drop("_order")
+     .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
+     .partitionBy("_split", "dt", "_shard").parquet(raw))
+    stats = obs.get
+
+    unknown_days = stats["rows"] - sum(stats[f"n|{s}|{d}"] for s in days for d in days[s])
+    if unknown_days:
+        raise ValueError(f"{unknown_days} rows have a day outside the splits' days {days} (or a null dt)")
+    if os.environ.get(LOSE_ENV):  # test hook: a shard file lost between the write and the check
+        victim = sorted(p for p in fs.walk_files(spark, raw) if p.endswith(".parquet"))[0]
+        fs.delete(spark, posixpath.join(raw, victim))
 
     manifest_splits: dict[str, dict] = {}
     template = None
+    moves = []
     for split in names:
-        days = sorted(per_day[split])
+        ds = [d for d in days[split] if stats[f"n|{split}|{d}"] > 0]
         files = []
-        for day in days:
+        for day in ds:
             for k in range(shards):
                 src_dir = posixpath.join(raw, f"_split={split}", f"dt={day}", f"_shard={k}")
-                parts_ = [p for p in fs.walk_files(spark, src_dir) if p.endswith(".parquet")]
+                found = [p for p in fs.walk_files(spark, src_dir) if p.endswith(".parquet")]
+                if len(found) > 1:
+                    raise WriteCheckError(f"{src_dir} holds {len(found)} files, expected one")
                 rel = f"{split}/dt={day}/part-{k:05d}.parquet"
-                dst = posixpath.join(staging, rel)
-                if len(parts_) > 1:
-                    raise AssertionError(f"{src_dir} holds {len(parts_)} files, expected one")
-                if parts_:
-                    fs.rename(spark, posixpath.join(src_dir, parts_[0]), dst)
-                else:
-                    if template is None:
-                        template = _empty_template(spark, schema, posixpath.join(staging, "_empty"))
-                    fs.copy(spark, template, dst)
+                moves.append((posixpath.join(src_dir, found[0]) if found else None, rel))
                 files.append(rel)
-        pdays, u = per_day[split], uniq.get(split)
+        manifest_splits[split] = {"days": ds, "files": files}
+    # the footers of what was written must hold exactly the rows observed, per split and day
+    written = fs.parquet_rows(spark, [m[0] for m in moves if m[0]])
+    for split in names:
+        for day in manifest_splits[split]["days"]:
+            got = sum(written.get(src, 0) for src, rel in moves if src and rel.startswith(f"{split}/dt={day}/"))
+            want = stats[f"n|{split}|{day}"]
+            if got != want:
+                raise WriteCheckError(f"{split} {day}: {want} rows written but the files hold {got} "
+                                      f"(a shard file is missing or short)")
+    for src, rel in moves:
+        dst = posixpath.join(staging, rel)
+        if src:
+            fs.rename(spark, src, dst)
+        else:  # no row of that day hashed to this shard
+            if template is None:
+                template = _empty_template(spark, allrows.select(*cols), posixpath.join(staging, "_empty"))
+            fs.copy(spark, template, dst)
+    for split in names:
+        ds = manifest_splits[split]["days"]
+        u = uniques.get(split)
+        per = {d: {"impressions": int(stats[f"n|{split}|{d}"]), "clicks": int(stats[f"y|{split}|{d}"]),
+                   "conversions": int(stats[f"z|{split}|{d}"])} for d in ds}
         manifest_splits[split] = {
-            "days": days,
-            "impressions": int(sum(pdays[d]["n"] for d in days)),
-            "clicks": int(sum(pdays[d]["y"] or 0 for d in days)),
-            "conversions": int(sum(pdays[d]["z"] or 0 for d in days)),
-            "users": None if u is None or u["u"] is None else int(u["u"]),
-            "items": None if u is None or u["i"] is None else int(u["i"]),
-            "files": files,
-            "per_day": {d: {"impressions": int(pdays[d]["n"]), "clicks": int(pdays[d]["y"] or 0),
-                            "conversions": int(pdays[d]["z"] or 0)} for d in days},
+            "days": ds,
+            "impressions": sum(v["impressions"] for v in per.values()),
+            "clicks": sum(v["clicks"] for v in per.values()),
+            "conversions": sum(v["conversions"] for v in per.values()),
+            "users": None if u is None or u[0] is None else int(u[0]),
+            "items": None if u is None or u[1] is None else int(u[1]),
+            "files": manifest_splits[split]["files"],
+            "per_day": per,
         }
     fs.delete(spark, posixpath.join(staging, "_empty"))
     fs.delete(spark, posixpath.join(staging, "_raw"))
@@ -221,6 +355,11 @@ def write_dataset(spark, out: str, splits: dict[str, DataFrame], fields: list[di
     if vocab is not None:
         save_vocab(vocab, posixpath.join(staging, "vocab"))
 
+    reject_counts = reject_counts() if callable(reject_counts) else reject_counts
+    extra = extra() if callable(extra) else extra
+    unknown = set(reject_counts) - set(REJECT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown reject keys {sorted(unknown)}")
     mfields = []
     for f in fields:
         m = dict(f)
@@ -239,23 +378,9 @@ def write_dataset(spark, out: str, splits: dict[str, DataFrame], fields: list[di
         **(extra or {}),
     }
     if check is not None:
-        try:
-            check(manifest)
-        except BaseException:
-            fs.delete(spark, staging)
-            raise
+        check(manifest)
     fs.write_text(spark, posixpath.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     fs.write_text(spark, posixpath.join(staging, "_SUCCESS"), "")
-
-    if os.environ.get(DIE_ENV):
-        os._exit(3)
-    old = None
-    if fs.exists(spark, out):
-        old = f"{out}.old-{uuid.uuid4().hex[:12]}"
-        fs.rename(spark, out, old)
-    fs.rename(spark, staging, out)
-    if old:
-        fs.delete(spark, old)
     return manifest
 
 

@@ -11,7 +11,7 @@ Two ways to encode, same ids:
 - long data ``(..., field, value)`` (e.g. Ali-CCP's exploded feature lists):
   :func:`count_values` -> :func:`assign_ids` -> :func:`encode_long` (a Spark join);
 - wide data, one column per field (the log ETL): :func:`build_vocab` on the train
-  frame, then :func:`encode_columns`, which looks values up in Arrow batches against a
+  frame (given ``prev``, it grows an earlier vocabulary: :func:`extend_vocab`), then :func:`encode_columns`, which looks values up in Arrow batches against a
   broadcast copy of the vocabulary (no shuffle, list order and weights kept).
 
 Example (long)::
@@ -100,21 +100,115 @@ def _value_structs(df: DataFrame, name: str, kind: str):
                        lambda x: F.struct(F.lit(name).alias("field"), x.cast("string").alias("value")))
 
 
-def build_vocab(train: DataFrame, fields: list[dict]) -> DataFrame:
+def extend_vocab(prev: DataFrame, counts: DataFrame, min_count: int | Mapping[str, int] = 1,
+                 default_min_count: int = 1, base: Mapping[str, int] | None = None) -> DataFrame:
+    """Grow an earlier vocabulary with this run's counts (``--vocab-from``).
+
+    Every ``(field, value)`` of ``prev`` keeps its id (its ``count`` becomes this run's
+    count, 0 if unseen). Values new here with ``count >= min_count`` get ids after the
+    field's old maximum (``max(prev ids, base[field])``, so ids a bundle reserved are never
+    reused), by count descending then value ascending, as :func:`assign_ids` numbers them.
+    With ``prev`` empty this is exactly :func:`assign_ids`.
+
+    Args:
+        prev (DataFrame): ``(field, value, id[, count])``, e.g. from :func:`read_prev_vocab`.
+        counts (DataFrame): ``(field, value, count)`` of this run's train rows (:func:`count_values`).
+        base (Mapping[str, int]): per field, the highest id taken in the parent
+            (``vocab_size - 1``); fields missing here start from prev's max id.
+
+    Returns:
+        DataFrame: :data:`VOCAB_SCHEMA` rows, old ones first.
+    """
+    p = prev.select(F.col("field").cast("string").alias("field"), F.col("value").cast("string").alias("value"),
+                    F.col("id").cast("bigint").alias("id"))
+    old = (p.join(counts.select("field", "value", F.col("count").alias("_n")), ["field", "value"], "left")
+           .select("field", "value", "id", F.coalesce(F.col("_n"), F.lit(0)).cast("bigint").alias("count")))
+    top = p.groupBy("field").agg(F.max("id").alias("_top"))
+    if base:
+        b = counts.sparkSession.createDataFrame([(k, int(v)) for k, v in base.items()], "field string, _b bigint")
+        top = (top.join(b, "field", "full")
+               .select("field", F.greatest(F.coalesce("_top", F.lit(0)), F.coalesce("_b", F.lit(0))).alias("_top")))
+    fresh = assign_ids(counts.join(p.select("field", "value"), ["field", "value"], "left_anti"),
+                       min_count, default_min_count)
+    new = (fresh.join(top, "field", "left")
+           .select("field", "value", (F.col("id") + F.coalesce(F.col("_top"), F.lit(0))).cast("bigint").alias("id"),
+                   "count"))
+    return old.unionByName(new)
+
+
+def read_prev_vocab(spark, prev: str) -> tuple[DataFrame, list[dict], str]:
+    """The vocabulary, field list and absolute path of a ``--vocab-from`` parent.
+
+    ``prev`` is a data root (``manifest.json``) or a model bundle (``bundle.json``); both
+    keep ``vocab/field=<name>/*.parquet`` with ``value``, ``id`` and maybe ``count``
+    (contract 1 of the shared notes). Raises :class:`etl.errors.InputError` naming the path.
+    """
+    import json
+    import posixpath
+
+    from etl import fs
+    from etl.errors import InputError
+
+    root = fs.qualify(spark, prev)
+    doc = None
+    for name in ("manifest.json", "bundle.json"):
+        path = posixpath.join(root, name)
+        if fs.exists(spark, path):
+            try:
+                doc = json.loads(fs.read_text(spark, path))
+            except ValueError as e:
+                raise InputError(f"{path}: not valid JSON ({e})") from None
+            break
+    if doc is None:
+        raise InputError(f"--vocab-from {prev}: neither manifest.json nor bundle.json there")
+    fields = doc.get("fields") if isinstance(doc, dict) else None
+    if not isinstance(fields, list) or not all(isinstance(f, dict) and "name" in f for f in fields):
+        raise InputError(f"--vocab-from {prev}: its {name} has no 'fields' list")
+    vdir = posixpath.join(root, "vocab")
+    if not fs.is_dir(spark, vdir) or not any(d for _, d in fs.listdir(spark, vdir)):
+        if any(not f.get("hash_buckets") for f in fields):
+            raise InputError(f"{vdir}: no vocabularies (expected vocab/field=<name>/*.parquet)")
+        return spark.createDataFrame([], VOCAB_SCHEMA), fields, root
+    df = spark.read.parquet(vdir)
+    missing = [c for c in ("field", "value", "id") if c not in df.columns]
+    if missing:
+        raise InputError(f"{vdir}: column {missing[0]!r} missing (columns: {', '.join(df.columns)})")
+    cnt = F.col("count").cast("bigint") if "count" in df.columns else F.lit(None).cast("bigint")
+    return (df.select(F.col("field").cast("string"), F.col("value").cast("string"), F.col("id").cast("bigint"),
+                      cnt.alias("count")), fields, root)
+
+
+def field_values(train: DataFrame, fields: list[dict]) -> DataFrame:
+    """``(field, value)`` of every vocab-kind value in a wide frame (one row per occurrence)."""
+    vf = [f for f in fields if not f.get("hash_buckets")]
+    if not vf:
+        return train.sparkSession.createDataFrame([], "field string, value string")
+    arr = F.concat(*[_value_structs(train, f["name"], f["kind"]) for f in vf])
+    return train.select(F.explode(arr).alias("fv")).select("fv.field", "fv.value")
+
+
+def build_vocab(train: DataFrame, fields: list[dict], prev: DataFrame | None = None,
+                base: Mapping[str, int] | None = None) -> DataFrame:
     """Vocabulary of the vocab-kind fields of a wide frame (hash-bucket fields skipped).
 
     Args:
         train (DataFrame): the TRAIN rows only; one column per field named ``field["name"]``
             (string/int for single, array for multi, array or map<string,float> keys for weighted).
         fields (list[dict]): ``{"name", "kind", "min_count" | "hash_buckets"}`` per field.
+        prev (DataFrame): an earlier vocabulary to grow (:func:`extend_vocab`), or None.
+        base (Mapping[str, int]): highest id taken per field in the parent (with ``prev``).
     """
     vf = [f for f in fields if not f.get("hash_buckets")]
     spark = train.sparkSession
     if not vf:
         return spark.createDataFrame([], VOCAB_SCHEMA)
-    arr = F.concat(*[_value_structs(train, f["name"], f["kind"]) for f in vf])
-    long = train.select(F.explode(arr).alias("fv")).select("fv.field", "fv.value")
-    return assign_ids(count_values(long), {f["name"]: int(f.get("min_count") or 1) for f in vf})
+    counts = count_values(field_values(train, fields))
+    thresholds = {f["name"]: int(f.get("min_count") or 1) for f in vf}
+    if prev is None:
+        return assign_ids(counts, thresholds)
+    names = [f["name"] for f in vf]
+    return extend_vocab(prev.where(F.col("field").isin(names)), counts, thresholds,
+                        base={k: v for k, v in (base or {}).items() if k in names})
 
 
 _LOOKUP_CACHE: dict = {}
@@ -126,8 +220,83 @@ def _lookup_tables(bc, key: str):
 
     if key not in _LOOKUP_CACHE:
         _LOOKUP_CACHE.clear()
-        _LOOKUP_CACHE[key] = {f: pd.Index(vals, dtype=object) for f, vals in bc.value.items()}
+        tabs = {}
+        for f, vals in bc.value.items():
+            if any(v is None for v in vals):  # ids a parent left unused: index the values only
+                pos = [i for i, v in enumerate(vals) if v is not None]
+                tabs[f] = _Lookup(pd.Index([vals[i] for i in pos], dtype=object), pos)
+            else:
+                tabs[f] = pd.Index(vals, dtype=object)
+        _LOOKUP_CACHE[key] = tabs
     return _LOOKUP_CACHE[key]
+
+
+class _Lookup:
+    """``get_indexer`` of a value list with holes: position in the full list, -1 if absent."""
+
+    def __init__(self, index, positions):
+        import numpy as np
+
+        self.index, self.pos = index, np.append(np.asarray(positions, dtype=np.int64), -1)
+
+    def get_indexer(self, values):
+        return self.pos[self.index.get_indexer(values)]
+
+
+def count_vocab(valid: DataFrame, fields: list[dict], train_days: list[str], parent=None,
+                user_col: str = "user_id", item_col: str = "item_id"):
+    """One job: the vocabulary of the train days and the distinct users/items per split.
+
+    Args:
+        valid (DataFrame): valid impressions (wide, one column per field, ``_dt`` the day).
+        train_days (list[str]): the train days; every other day is test.
+        parent: an ``etl.pipeline.ParentVocab`` to grow (``--vocab-from``), or None.
+
+    Returns:
+        (vocab DataFrame built on the driver, ``{field: [value of id 1, ...]}``,
+        ``{"train"|"test": (users, items)}``).
+    """
+    import pyarrow as pa
+
+    spark = valid.sparkSession
+    split = F.when(F.col("_dt").isin(list(train_days)), F.lit("train")).otherwise(F.lit("test"))
+    vocab = build_vocab(valid.where(F.col("_dt").isin(list(train_days))), fields,
+                        prev=parent.vocab if parent else None, base=parent.top if parent else None)
+    uni = valid.groupBy(split.alias("_s")).agg(F.countDistinct(F.col(user_col).cast("string")).alias("u"),
+                                              F.countDistinct(F.col(item_col).cast("string")).alias("i"))
+    both = (vocab.select(F.lit("v").alias("k"), "field", "value", "id", "count")
+            .unionByName(uni.select(F.lit("u").alias("k"), F.col("_s").alias("field"),
+                                    F.lit(None).cast("string").alias("value"), F.col("u").cast("bigint").alias("id"),
+                                    F.col("i").cast("bigint").alias("count"))))
+    tab = both.toArrow()
+    k = tab.column("k").to_pylist()
+    keep_v = pa.array([x == "v" for x in k])
+    vt = tab.filter(keep_v).drop(["k"]).cast(pa.schema([("field", pa.string()), ("value", pa.string()),
+                                                         ("id", pa.int64()), ("count", pa.int64())]))
+    ut = tab.filter(pa.array([x == "u" for x in k])).to_pylist()
+    uniques = {r["field"]: (r["id"], r["count"]) for r in ut}
+    values = _values_of(vt, fields)
+    return spark.createDataFrame(vt, schema=VOCAB_SCHEMA), values, uniques
+
+
+def _values_of(tab, fields: list[dict]) -> dict[str, list]:
+    """``{field: [value of id 1, ...]}`` from an Arrow vocabulary (holes as None)."""
+    vf = [f["name"] for f in fields if not f.get("hash_buckets")]
+    values: dict[str, list] = {f: [] for f in vf}
+    import pyarrow.compute as pc
+
+    tab = tab.take(pc.sort_indices(tab, sort_keys=[("field", "ascending"), ("id", "ascending")]))
+    for fld, val, i in zip(tab.column("field").to_pylist(), tab.column("value").to_pylist(),
+                           tab.column("id").to_pylist()):
+        if fld not in values:
+            continue
+        lst = values[fld]
+        if i <= len(lst):
+            raise AssertionError(f"vocab ids of field {fld!r} repeat id {i}")
+        while len(lst) + 1 < i:  # an id a parent vocabulary left unused: no value maps to it
+            lst.append(None)
+        lst.append(val)
+    return values
 
 
 def collect_vocab(vocab: DataFrame, fields: list[dict]) -> dict[str, list[str]]:
@@ -142,39 +311,57 @@ def collect_vocab(vocab: DataFrame, fields: list[dict]) -> dict[str, list[str]]:
         for fld, val, i in zip(tab.column("field").to_pylist(), tab.column("value").to_pylist(),
                                tab.column("id").to_pylist()):
             lst = values[fld]
-            if i != len(lst) + 1:
-                raise AssertionError(f"vocab ids of field {fld!r} are not 1..n")
+            if i <= len(lst):
+                raise AssertionError(f"vocab ids of field {fld!r} repeat id {i}")
+            while len(lst) + 1 < i:  # an id a parent vocabulary left unused: no value maps to it
+                lst.append(None)
             lst.append(val)
     return values
+
+
+def vocab_frame(spark, values: dict[str, list]) -> DataFrame:
+    """The long vocabulary ``(field, value, id, count)`` of :func:`collect_vocab`'s dict
+    (count null), built on the driver: no recomputation of the counting job."""
+    import pyarrow as pa
+
+    fld, val, ids = [], [], []
+    for f, vals in values.items():
+        for i, v in enumerate(vals, start=1):
+            if v is not None:
+                fld.append(f)
+                val.append(v)
+                ids.append(i)
+    tab = pa.table({"field": pa.array(fld, pa.string()), "value": pa.array(val, pa.string()),
+                    "id": pa.array(ids, pa.int64()), "count": pa.nulls(len(ids), pa.int64())})
+    return spark.createDataFrame(tab, schema=VOCAB_SCHEMA)
 
 
 def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) -> DataFrame:
     """Replace each field column by its ids (list<int64>) and weights (list<float32>).
 
+    Single-valued vocabulary fields are looked up on the JVM (a broadcast hash join on the
+    value), hashed fields are computed there too; only list-valued vocabulary fields go
+    through Python, as a scalar Arrow UDF that receives that one column.
+
     Args:
         df (DataFrame): wide frame with the ``keep`` columns and one column per field.
         fields (list[dict]): ``{"name", "kind", "min_count" | "hash_buckets"}``.
         vocab (DataFrame | dict): from :func:`build_vocab` (collected to the driver) or
-            :func:`collect_vocab`'s dict; broadcast to the workers.
+            :func:`collect_vocab`'s dict.
         keep (list[str]): columns passed through unchanged.
 
     Returns:
         DataFrame: ``keep`` + ``<name>`` list<bigint> per field (+ ``<name>__w``
         list<float> for weighted). A null single value gives ``[0]``, a null list ``[]``.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     spark = df.sparkSession
     values = vocab if isinstance(vocab, dict) else collect_vocab(vocab, fields)
-    bc = spark.sparkContext.broadcast(values)
+    lists = [f for f in fields if f["kind"] != "single" and not f.get("hash_buckets")]
+    bc = spark.sparkContext.broadcast({f["name"]: values[f["name"]] for f in lists}) if lists else None
     token = uuid.uuid4().hex  # names this broadcast in the workers' lookup cache
-
-    # Spark side: raw values as strings (maps -> sorted keys + weights); hashed fields done here.
+    vdf = None
+    out = df
     sel = [F.col(k) for k in keep]
-    out_fields = [T.StructField(k, df.schema[k].dataType, df.schema[k].nullable) for k in keep]
-    specs = []  # (name, kind, hashed)
     for f in fields:
         name, kind = f["name"], f["kind"]
         c, dtype = F.col(name), df.schema[name].dataType
@@ -187,57 +374,44 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
             vals, w = c, None
         if kind == "single":
             v = vals.cast("string")
-            ids = F.array(hash_ids(v, f["hash_buckets"])) if hashed else v
+            if hashed:
+                ids = F.array(hash_ids(v, f["hash_buckets"]))
+            else:
+                if vdf is None:
+                    vdf = vocab_frame(spark, {k: values[k] for k in values})
+                key, idc = f"_vk_{name}", f"_vi_{name}"
+                table = vdf.where(F.col("field") == name).select(F.col("value").alias(key), F.col("id").alias(idc))
+                out = out.join(F.broadcast(table), v == F.col(key), "left")
+                ids = F.array(F.coalesce(F.col(idc), F.lit(0).cast("bigint")))
         else:
             v = F.transform(F.coalesce(vals, F.array()), lambda x: x.cast("string"))
-            ids = F.transform(v, lambda x: hash_ids(x, f["hash_buckets"])) if hashed else v
-        sel.append(ids.alias(name))
-        out_fields.append(T.StructField(name, T.ArrayType(T.LongType(), False), False))
+            if hashed:
+                ids = F.transform(v, lambda x: hash_ids(x, f["hash_buckets"]))
+            else:
+                ids = _list_lookup(bc, token, name)(v)
+        sel.append(ids.cast("array<bigint>").alias(name))
         if kind == "weighted":
             wc = F.coalesce(w, F.array()) if w is not None else F.transform(v, lambda x: F.lit(1.0))
-            sel.append(wc.alias(name + "__w"))
-            out_fields.append(T.StructField(name + "__w", T.ArrayType(T.FloatType(), False), False))
-        specs.append((name, kind, hashed))
-    prepared = df.select(*sel)
-    schema = T.StructType(out_fields)
-    arrow_types = {}
-    for fl in out_fields:
-        if fl.name.endswith("__w"):
-            arrow_types[fl.name] = pa.list_(pa.field("element", pa.float32(), nullable=False))
-        elif any(fl.name == s[0] for s in specs):
-            arrow_types[fl.name] = pa.list_(pa.field("element", pa.int64(), nullable=False))
+            sel.append(F.transform(wc, lambda x: F.coalesce(x, F.lit(1.0))).cast("array<float>").alias(name + "__w"))
+    return out.select(*sel)
 
-    def lookup(batches):
-        tables = _lookup_tables(bc, token)
-        for b in batches:
-            cols = {n: b.column(n) for n in b.schema.names}
-            for name, kind, hashed in specs:
-                col = cols[name]
-                if kind == "single":
-                    if hashed:
-                        continue
-                    idx = tables[name].get_indexer(col.to_numpy(zero_copy_only=False))
-                    offsets = np.arange(len(col) + 1, dtype=np.int32)
-                    flat = pa.array(idx.astype(np.int64) + 1)
-                else:
-                    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
-                    offsets = np.zeros(len(col) + 1, dtype=np.int32)
-                    np.cumsum(lengths, out=offsets[1:])
-                    flat_vals = col.flatten()
-                    if hashed:
-                        flat = pc.fill_null(flat_vals, 0).cast(pa.int64())
-                    else:
-                        idx = tables[name].get_indexer(flat_vals.to_numpy(zero_copy_only=False))
-                        flat = pa.array(idx.astype(np.int64) + 1)
-                    if kind == "weighted":
-                        wcol = cols[name + "__w"]
-                        wflat = pc.fill_null(wcol.flatten(), 1.0).cast(pa.float32())
-                        cols[name + "__w"] = pa.ListArray.from_arrays(pa.array(offsets), wflat).cast(
-                            arrow_types[name + "__w"])
-                cols[name] = pa.ListArray.from_arrays(pa.array(offsets), flat).cast(arrow_types[name])
-            for name, kind, hashed in specs:
-                if kind == "single" and hashed:
-                    cols[name] = cols[name].cast(arrow_types[name])
-            yield pa.RecordBatch.from_arrays([cols[n] for n in schema.names], names=schema.names)
 
-    return prepared.mapInArrow(lookup, schema)
+def _list_lookup(bc, token: str, name: str):
+    """Scalar Arrow UDF: list<string> -> list<bigint> ids of field ``name`` (0 if unseen)."""
+    import pyarrow as pa
+
+    def lookup(col):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+        offsets = np.zeros(len(col) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat_vals = pc.list_flatten(col)
+        idx = _lookup_tables(bc, token)[name].get_indexer(flat_vals.to_numpy(zero_copy_only=False))
+        flat = pa.array(idx.astype(np.int64) + 1)
+        return pa.ListArray.from_arrays(pa.array(offsets), flat)
+
+    lookup.__annotations__ = {"col": pa.Array, "return": pa.Array}  # scalar Arrow UDF (hints, not strings)
+    return F.arrow_udf(lookup, "array<bigint>")

@@ -28,6 +28,10 @@ def parse_args(argv):
     p.add_argument("--start", help="first impression day YYYY-MM-DD")
     p.add_argument("--end", help="last impression day YYYY-MM-DD")
     p.add_argument("--shards", type=int, default=4, help="Parquet files per split and day")
+    p.add_argument("--vocab-from", metavar="PREV",
+                   help="data root or model bundle whose vocabularies to grow: known values keep their ids")
+    p.add_argument("--click-horizon-days", type=int, default=1,
+                   help="ranged runs read clicks through --end + H and conversions through --end + H + window")
     p.add_argument("--master", help="Spark master (default local[*]; under spark-submit the submitter's)")
     return p.parse_args(argv)
 
@@ -67,7 +71,8 @@ def _main(argv) -> int:
     spark = get_spark(master, app="esmm-etl")
     _ship_code(spark)
     m = run_etl(spark, args.logs, args.out, features=args.features, split_date=args.split_date,
-                window_days=args.window_days, start=args.start, end=args.end, shards=args.shards)
+                window_days=args.window_days, start=args.start, end=args.end, shards=args.shards,
+                vocab_from=args.vocab_from, click_horizon_days=args.click_horizon_days)
     tr, te = m["splits"]["train"], m["splits"]["test"]
     rej = sum(m["rejects"].values())
     print(f"esmm etl: {args.out}: train {tr['impressions']} impressions / {tr['clicks']} clicks / "
