@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from train.device import bf16_towers, to_device
+    from train.device import prepare_towers, to_device
     from train.shard import shard_group
 
     ctx = ray.train.get_context()
@@ -234,8 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
             model.init_output_bias(None, None, sums=sums())  # the rows' own base rates, as in one process
     else:
         train_batches, val_batches, rows = stream_source(model, fields, config, local_bs, eval_bs, device, world)
-    if use_gpu:
-        bf16_towers(model.dense, "cuda")
+    # the same tower set-up as one process (fused first layers; auto | fp32 | bf16), announced by rank 0
+    prepare_towers(model, model.cfg.tower_precision, device.type, announce=rank == 0)
     if world > 1:
         model.dense = DDP(model.dense, device_ids=[device.index] if use_gpu else None)
     tally = LossTally()
