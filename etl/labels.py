@@ -200,12 +200,28 @@ def reason_metrics(table: str) -> list:
         [F.count(F.lit(1)).alias("_rows")]
 
 
-def observed_reasons(observations: dict) -> dict[str, dict[str, int]]:
+def _observed(o, frame: DataFrame | None, table: str) -> dict:
+    """The observation's row; counted by one aggregation of ``frame`` when Spark has none.
+
+    Spark drops the metrics of a plan the optimiser replaced (an observed branch over an
+    empty relation, e.g. a ranged run with no conversions to read): ``Observation.get``
+    then fails inside py4j instead of returning zeros.
+    """
+    try:
+        return o.get
+    except Exception:
+        if frame is None:
+            raise
+        return frame.agg(*reason_metrics(table)).first().asDict()
+
+
+def observed_reasons(observations: dict, frames: dict | None = None) -> dict[str, dict[str, int]]:
     """``{table: {reason or "used": n}}`` from the observations :func:`rejects_from` made
-    (only outcomes with rows; a reason outside the known ones shows as ``"unknown"``)."""
+    (only outcomes with rows; a reason outside the known ones shows as ``"unknown"``).
+    ``frames`` (the flagged tables by name) count a table whose observation Spark dropped."""
     out: dict[str, dict[str, int]] = {}
     for t, o in observations.items():
-        got = o.get
+        got = _observed(o, (frames or {}).get(t), t)
         c = {k: int(got[k] or 0) for k in _outcomes(t) if got.get(k)}
         rest = int(got["_rows"]) - sum(c.values())
         if rest:

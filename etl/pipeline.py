@@ -247,7 +247,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
 
     def counts_done() -> dict:
         if not state:
-            counts = observed_reasons(obs)
+            counts = observed_reasons(obs, {"impressions": fl.impressions, "clicks": fl.clicks,
+                                            "conversions": fl.conversions})
             state["used"] = check_conservation(counts, read)
             state["rejects"] = {f"{t}.{r}": counts[t].get(r, 0) for t in TABLES for r in REASONS[t]}
             state["extra"] = {
