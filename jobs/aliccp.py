@@ -13,7 +13,7 @@ from pathlib import Path
 
 # spark-submit runs this file directly: make the repo root importable.
 _ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
+if sys.path[0] != _ROOT:  # before jobs/ itself, whose etl.py would shadow the etl package
     sys.path.insert(0, _ROOT)
 
 
