@@ -305,18 +305,9 @@ def collect_vocab(vocab: DataFrame, fields: list[dict]) -> dict[str, list[str]]:
     ``len(values[f]) + 1`` is the field's vocab_size.
     """
     vf = [f["name"] for f in fields if not f.get("hash_buckets")]
-    values: dict[str, list] = {f: [] for f in vf}
-    if vf:
-        tab = vocab.where(F.col("field").isin(vf)).orderBy("field", "id").toArrow()
-        for fld, val, i in zip(tab.column("field").to_pylist(), tab.column("value").to_pylist(),
-                               tab.column("id").to_pylist()):
-            lst = values[fld]
-            if i <= len(lst):
-                raise AssertionError(f"vocab ids of field {fld!r} repeat id {i}")
-            while len(lst) + 1 < i:  # an id a parent vocabulary left unused: no value maps to it
-                lst.append(None)
-            lst.append(val)
-    return values
+    if not vf:
+        return {}
+    return _values_of(vocab.where(F.col("field").isin(vf)).toArrow(), fields)
 
 
 def vocab_frame(spark, values: dict[str, list]) -> DataFrame:
