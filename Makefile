@@ -30,4 +30,4 @@ demo: $(STAMP)
 	$(VENV)/bin/esmm demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=25 tests

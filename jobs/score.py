@@ -2,7 +2,7 @@
 
 Scores EVERY valid impression of day D from the raw logs (no labels needed) with a
 model bundle: SCORES/ gets Parquet ``impression_id, p_ctr, p_cvr, p_ctcvr,
-model_version``, one row per valid impression, ``score.json`` (counts: read, valid,
+model_version``, one row per valid impression, ``_score.json`` (counts: read, valid,
 rejects by reason; the model and its version) and ``_SUCCESS``, committed by rename.
 
 Two halves, wired here: etl/score_input.py (Spark: the day's impressions, the ETL's

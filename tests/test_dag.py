@@ -383,7 +383,7 @@ def test_two_days_carry_the_model_over_and_an_untrained_model_stops_at_the_gate(
         assert len(cmp["metrics"][k]["values"]) == 2 and len(cmp["metrics"][k]["ci95"]) == 2
     # score: every valid impression of the newest complete day, by the published model
     out = scores / "dt=2026-01-07"
-    summary = json.loads((out / "score.json").read_text())
+    summary = json.loads((out / "_score.json").read_text())
     read = ds.dataset(logs / "impressions" / "dt=2026-01-07", format="parquet").count_rows()
     table = ds.dataset(out, format="parquet").to_table()
     assert (out / "_SUCCESS").exists() and summary["impressions"]["read"] == read

@@ -117,7 +117,9 @@ def test_train_then_evaluate_agree(data, tmp_path):
     model = tmp_path / "m"
     assert train(["--data", str(data), "--out", str(model), "--model", "esmm", "--epochs", "1",
                   "--no-progress", *TINY]) == 0
-    assert {p.name for p in model.iterdir()} == {"model.pt", "config.json", "metrics.json"}
+    # the training files, and the bundle beside them (one process: the whole table is one shard)
+    assert {p.name for p in model.iterdir()} == {"model.pt", "config.json", "metrics.json", "bundle.json",
+                                                 "weights.safetensors", "emb-0.rank=0-of-1.safetensors"}
     trained = json.loads((model / "metrics.json").read_text())
     assert trained["model"] == "esmm" and trained["n"] == 800
     for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc", "ctr_logloss", "cvr_logloss",

@@ -99,10 +99,11 @@ def _worker(rank: int, port: int, case: str, out: str):
         mine = full if rank == 0 else blank_row(FIELDS)
     model.train()
     one_step(model, mine, opts)
-    sums = tally.global_sums(torch.device("cpu"), 2)
+    sums = tally.global_sums(torch.device("cpu"), 2).tolist()
+    again = tally.global_sums(torch.device("cpu"), 2).tolist()  # reading the sums (each checkpoint does) changes nothing
     st = state_of(model, opts, rank, 2)
     if rank == 0:
-        torch.save({"state": st, "loss": float(sums[0] / sums[1])}, out)
+        torch.save({"state": st, "loss": float(sums[0] / sums[1]), "sums": sums, "again": again}, out)
     dist.destroy_process_group()
 
 
@@ -137,6 +138,7 @@ def test_two_rank_step_is_the_one_process_step(case, tmp_path):
     ref = reference(rows_batch())  # padded: rank 0 holds all 7 rows, rank 1 a blank row
     assert_same_state(got["state"], ref["state"])
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert got["again"] == got["sums"]
 
 
 def test_blank_row_touches_no_row():

@@ -45,7 +45,7 @@ def test_score_one_row_per_valid_impression_and_rejects_counted(spark, served, c
     meta = score_day(spark, served["bundle"], crafted["logs"], DAY, str(out))
     assert (out / "_SUCCESS").is_file()
     assert meta["impressions"] == {"read": 12, "valid": 10, "rejects": {"malformed": 1, "duplicate": 1}}
-    assert json.loads((out / "score.json").read_text())["scored"] == 10
+    assert json.loads((out / "_score.json").read_text())["scored"] == 10
     got = read_scores(out)
     assert got.column_names == ["impression_id", "p_ctr", "p_cvr", "p_ctcvr", "model_version"]
     valid = crafted["valid"].sort_by("impression_id")

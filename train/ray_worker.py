@@ -51,7 +51,9 @@ class LossTally:
         self.sums += torch.stack([weighted_sum.detach().double().cpu(), weight_sum.detach().double().cpu()])
 
     def global_sums(self, device, world: int) -> torch.Tensor:
-        s = self.sums.to(device)
+        # a copy: on CPU .to() returns the tally itself, and the in-place all-reduce would
+        # leave every rank holding the global sum, counted again at the next checkpoint
+        s = self.sums.clone().to(device)
         if world > 1:
             dist.all_reduce(s)
         return s.cpu()

@@ -89,10 +89,10 @@ def score_impressions(bundle: str, in_dir: str, out: str, workers: int = 0, addr
     """Score every impression under ``in_dir``; write ``out`` (staging, then rename, ``_SUCCESS``).
 
     Args:
-        summary (dict | None): written to ``out/score.json`` with the rows scored added.
+        summary (dict | None): written to ``out/_score.json`` with the rows scored added.
 
     Returns:
-        dict: the score.json content.
+        dict: the _score.json content.
     """
     out_p = Path(out).resolve()
     staging = out_p.with_name(f".{out_p.name}.staging-{uuid.uuid4().hex[:8]}")
@@ -110,7 +110,7 @@ def score_impressions(bundle: str, in_dir: str, out: str, workers: int = 0, addr
         expected = (summary or {}).get("impressions", {}).get("valid")
         if expected is not None and expected != n:
             raise RuntimeError(f"{expected} valid impressions but {n} score rows written")
-        (staging / "score.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / "_score.json").write_text(json.dumps(meta, indent=2) + "\n")
         (staging / "_SUCCESS").write_text("")
         old = None
         if out_p.exists():  # replace a previous run's output only once this one is whole
