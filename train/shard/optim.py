@@ -48,8 +48,10 @@ class RowWiseOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         idx, grad = self.emb.take_grads()
+        if idx is None:  # no backward reached the table (a step of blank rows only): no step
+            return
         self.step_count += 1
-        if idx is not None and idx.numel():
+        if idx.numel():
             self._update(idx, grad)
 
     def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:  # pragma: no cover
