@@ -265,27 +265,12 @@ def write(spark, out: str, conv: Converted, *, shards: int = 4, created_by: str 
 
 
 def read_prev_vocab(spark, prev: str) -> dict:
-    """``--vocab-from PREV``: a data root (``manifest.json``) or a model bundle (``bundle.json``).
+    """``--vocab-from PREV`` (a data root or a model bundle), read as the log ETL reads it.
 
-    Returns ``{"parent": abs PREV, "vocab": DataFrame (field, value, id), "vocab_sizes": {field: n}}``.
+    Returns ``{"parent": abs PREV, "vocab": DataFrame (field, value, id, count), "vocab_sizes": {field: n}}``.
     """
-    import json
-    import posixpath
+    from etl.vocab import read_prev_vocab as read
 
-    from etl import fs
-
-    root = fs.qualify(spark, prev)
-    doc = None
-    for name in ("manifest.json", "bundle.json"):
-        if fs.exists(spark, posixpath.join(root, name)):
-            doc = json.loads(fs.read_text(spark, posixpath.join(root, name)))
-            break
-    if doc is None:
-        raise InputError(f"{prev}: --vocab-from needs a data root (manifest.json) or a model bundle (bundle.json)")
-    vdir = posixpath.join(root, "vocab")
-    if not fs.exists(spark, vdir):
-        raise InputError(f"{prev}: no vocab/ folder (expected vocab/field=<name>/*.parquet)")
-    # the partition column as a string: field names like 101 must not be inferred as numbers
-    vocab = spark.read.schema("value string, id bigint, field string").parquet(vdir)
-    sizes = {f["name"]: int(f["vocab_size"]) for f in doc.get("fields", []) if "vocab_size" in f}
+    vocab, fields, _ = read(spark, prev)
+    sizes = {f["name"]: int(f["vocab_size"]) for f in fields if "vocab_size" in f}
     return {"parent": prev if "://" in prev else str(Path(prev).resolve()), "vocab": vocab, "vocab_sizes": sizes}

@@ -53,31 +53,6 @@ def counter_rows(p: Flagged) -> DataFrame:
     return rows
 
 
-def merge_vocab(prev: DataFrame, counts: DataFrame, min_count: dict[str, int]) -> DataFrame:
-    """Previous ids kept; new values with ``count >= min_count`` numbered after the field's old max.
-
-    ``prev``: (field, value, id); ``counts``: (field, value, count) of this run's train
-    rows. Returns (field, value, id, count, new) with this run's counts (0 for a known
-    value not seen now); new ids by count descending, then value ascending.
-    """
-    from pyspark.sql import Window
-
-    thr = F.lit(1)
-    for f, m in sorted(min_count.items()):
-        thr = F.when(F.col("field") == f, F.lit(int(m))).otherwise(thr)
-    prev = prev.where(F.col("field").isin(list(min_count))).select("field", "value", F.col("id").cast("bigint"))
-    old = (prev.join(counts, ["field", "value"], "left")
-           .select("field", "value", "id", F.coalesce("count", F.lit(0)).cast("bigint").alias("count"),
-                   F.lit(False).alias("new")))
-    top = prev.groupBy("field").agg(F.max("id").alias("_top"))
-    w = Window.partitionBy("field").orderBy(F.col("count").desc(), F.col("value").asc())
-    new = (counts.where(F.col("count") >= thr).join(prev, ["field", "value"], "left_anti")
-           .join(F.broadcast(top), "field", "left")
-           .select("field", "value", (F.coalesce("_top", F.lit(0)) + F.row_number().over(w)).cast("bigint").alias("id"),
-                   F.col("count").cast("bigint").alias("count"), F.lit(True).alias("new")))
-    return old.unionByName(new)
-
-
 def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpec], min_count: int,
                        prev: dict | None = None):
     """Collect the vocabulary and the counters together.
@@ -89,7 +64,7 @@ def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpe
     vocabulary: ``{"parent": path, "vocab": DataFrame, "vocab_sizes": {...}}``) is given.
     """
     from etl.aliccp_encode import train_counts
-    from etl.vocab import VOCAB_SCHEMA, assign_ids
+    from etl.vocab import VOCAB_SCHEMA, assign_ids, extend_vocab
 
     vf = [f for f in fields if not f.hash_buckets]
     mins = {f.name: int(f.min_count or min_count) for f in vf}
@@ -98,7 +73,11 @@ def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpe
     if prev is None:
         vocab = assign_ids(counts, mins).withColumn("new", F.lit(True))
     else:
-        vocab = merge_vocab(prev["vocab"], counts, mins)
+        # the log ETL's rule: known values keep their ids, new ones follow the parent's
+        # vocab_size - 1 (ids a bundle reserved are never reused)
+        base = {k: int(v) - 1 for k, v in (prev.get("vocab_sizes") or {}).items() if k in mins}
+        vocab = extend_vocab(prev["vocab"].where(F.col("field").isin(list(mins))), counts, mins, base=base,
+                             flag_new=True)
     rows = _rows(vocab, kind=_lit("vocab"), field=F.col("field"), value=F.col("value"), id=F.col("id"),
                  n=F.col("count"), status=F.when(F.col("new"), F.lit("new")))
     for p in flagged.values():

@@ -101,7 +101,8 @@ def _value_structs(df: DataFrame, name: str, kind: str):
 
 
 def extend_vocab(prev: DataFrame, counts: DataFrame, min_count: int | Mapping[str, int] = 1,
-                 default_min_count: int = 1, base: Mapping[str, int] | None = None) -> DataFrame:
+                 default_min_count: int = 1, base: Mapping[str, int] | None = None,
+                 flag_new: bool = False) -> DataFrame:
     """Grow an earlier vocabulary with this run's counts (``--vocab-from``).
 
     Every ``(field, value)`` of ``prev`` keeps its id (its ``count`` becomes this run's
@@ -115,6 +116,7 @@ def extend_vocab(prev: DataFrame, counts: DataFrame, min_count: int | Mapping[st
         counts (DataFrame): ``(field, value, count)`` of this run's train rows (:func:`count_values`).
         base (Mapping[str, int]): per field, the highest id taken in the parent
             (``vocab_size - 1``); fields missing here start from prev's max id.
+        flag_new (bool): add a boolean ``new`` column (False for prev's rows).
 
     Returns:
         DataFrame: :data:`VOCAB_SCHEMA` rows, old ones first.
@@ -133,6 +135,8 @@ def extend_vocab(prev: DataFrame, counts: DataFrame, min_count: int | Mapping[st
     new = (fresh.join(top, "field", "left")
            .select("field", "value", (F.col("id") + F.coalesce(F.col("_top"), F.lit(0))).cast("bigint").alias("id"),
                    "count"))
+    if flag_new:
+        old, new = old.withColumn("new", F.lit(False)), new.withColumn("new", F.lit(True))
     return old.unionByName(new)
 
 
