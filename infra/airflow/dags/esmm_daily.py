@@ -6,7 +6,8 @@ One run per day ``ds``; every task runs a job a person can run (README, "Schedul
     etl             spark-submit jobs/etl.py --vocab-from PRODUCTION --click-horizon-days H
     train           Ray job: esmm train --init-from PRODUCTION (a retry resumes the Ray checkpoint)
     evaluate        Ray job: esmm compare --models PRODUCTION,CANDIDATE on this run's test rows
-    gate            process: esmm publish --check --comparison (fails: worse beyond the interval)
+    gate            process: esmm publish --check --comparison (fails: worse beyond the interval,
+                    its verdict line the task's error)
     publish         process: esmm publish --comparison (atomic swap of MODEL_ROOT/production)
     score           Ray job: esmm score of the newest complete day (ds) with the published model
 
@@ -247,10 +248,22 @@ def esmm_daily():
                      conn_id=params["ray_conn_id"], working_dir=RAY_WORKING_DIR,
                      log=logging.getLogger("esmm.evaluate"), num_cpus=1)
 
-    @task.bash
-    def gate(params=None, ti=None) -> str:
-        """Exit 1 (no retry) when the candidate is worse than production beyond the interval."""
-        return shlex.join(publish_args(ti.xcom_pull(task_ids="wait_for_logs"), params, check=True))
+    @task
+    def gate(params=None, ti=None) -> None:
+        """Fail (no retry) when the candidate is worse than production beyond the interval.
+
+        The same process as ``esmm publish --check``; its verdict line becomes the task's
+        error, so the reason shows where a failed task is read first, whatever the log level."""
+        import subprocess
+        import sys
+
+        r = subprocess.run(publish_args(ti.xcom_pull(task_ids="wait_for_logs"), params, check=True),
+                           capture_output=True, text=True)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        if r.returncode != 0:
+            lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+            raise AirflowFailException(lines[-1] if lines else f"esmm publish --check exited {r.returncode}")
 
     @task.bash(outlets=[MODEL])
     def publish(params=None, ti=None, outlet_events=None) -> str:
