@@ -75,16 +75,64 @@ class Flagged:
     conversions: DataFrame  # every conversion read, + _reason, _imp (its click's impression_id)
 
 
-def dedup(df: DataFrame, id_col: str) -> DataFrame:
+def dedup(df: DataFrame, id_col: str, unique_rows: bool = False) -> DataFrame:
     """``_reason`` = malformed / duplicate / null (kept: the earliest of each id).
 
-    One window over all rows (well-formed and malformed ranked apart), so the input is
-    scanned once.
+    Args:
+        unique_rows: ``(_src, _ord)`` tells every row apart (Parquet: ``_ord`` is the
+            row's position in its file). Then the rows are not shuffled: one narrow job
+            finds the ids that occur more than once and, when they are few
+            (:func:`broadcast_rows`), only their rows are ranked and the kept one of each is
+            broadcast to the scan. Otherwise (JSON, where two identical lines share
+            ``_ord``, or many duplicated ids) one window over all rows.
     """
-    w = (Window.partitionBy(F.col(id_col), F.col("_bad").isNull())
-         .orderBy(F.col("_ts").asc(), F.col("_src").asc(), F.col("_ord").asc()))
+    if unique_rows:
+        out = _dedup_few(df, id_col)
+        if out is not None:
+            return out
+    # well-formed and malformed ranked apart; well-formed first, so its rank is its rank among them
+    w = (Window.partitionBy(F.col(id_col))
+         .orderBy(F.col("_bad").isNotNull().asc(), F.col("_ts").asc(), F.col("_src").asc(), F.col("_ord").asc()))
     return df.withColumn("_reason", F.when(F.col("_bad").isNotNull(), F.lit("malformed"))
                          .when(F.row_number().over(w) > 1, F.lit("duplicate")))
+
+
+def broadcast_rows(spark, row_bytes: int) -> int:
+    """Rows of ``row_bytes`` that fit Spark's broadcast threshold
+    (``spark.sql.autoBroadcastJoinThreshold``); 0 when broadcasting is off."""
+    import re
+
+    raw = str(spark.conf.get("spark.sql.autoBroadcastJoinThreshold", "10485760b")).strip().lower()
+    m = re.fullmatch(r"(-?\d+)\s*([kmgt]?)i?b?", raw)
+    if not m:
+        return 0
+    size = int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+    return max(0, size // row_bytes)
+
+
+def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
+    """:func:`dedup` by broadcasting the kept row of each duplicated id, or None when there
+    are more duplicated ids than fit a broadcast (one job either way, on the id column)."""
+    spark = df.sparkSession
+    limit = broadcast_rows(spark, 256)  # a kept row: id, ts, source path, position
+    if limit <= 0:
+        return None
+    ok = df.where(F.col("_bad").isNull())
+    ids = (ok.groupBy(F.col(id_col).alias("_d_id")).count().where(F.col("count") > 1)
+           .select("_d_id").limit(limit + 1).collect())
+    if len(ids) > limit:
+        return None
+    flag_malformed = F.when(F.col("_bad").isNotNull(), F.lit("malformed"))
+    if not ids:
+        return df.withColumn("_reason", flag_malformed)
+    dup = spark.createDataFrame([(r["_d_id"],) for r in ids], f"_d_id {df.schema[id_col].dataType.simpleString()}")
+    first = F.min(F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))).alias("_d_keep")
+    keep = (ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
+            .groupBy(F.col(id_col).alias("_d_id")).agg(first))
+    me = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))
+    out = df.join(F.broadcast(keep), df[id_col] == F.col("_d_id"), "left")
+    return out.withColumn("_reason", flag_malformed.when(F.col("_d_id").isNotNull() & (me != F.col("_d_keep")),
+                                                         F.lit("duplicate"))).drop("_d_id", "_d_keep")
 
 
 def _ids(df: DataFrame | None, col: str, alias: str, early: str | None = None) -> DataFrame | None:
@@ -102,7 +150,7 @@ def _ids(df: DataFrame | None, col: str, alias: str, early: str | None = None) -
 
 def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
          outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None,
-         horizon: Horizon | None = None) -> Flagged:
+         horizon: Horizon | None = None, unique_rows: dict | None = None) -> Flagged:
     """Give each row of the three tables its ``_reason`` (see module doc).
 
     Every row goes through left joins only (no split and union), so each table is
@@ -120,12 +168,15 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
             (counted apart, never silently 0); so is a conversion of such a click, and a
             conversion on or after ``horizon.lost_conversion_day`` of a click whose
             impression is before the range.
+        unique_rows: per table name, whether ``(_src, _ord)`` tells its rows apart
+            (Parquet input; see :func:`dedup`).
     """
-    imps_f = dedup(imps, "impression_id")
+    ur = unique_rows or {}
+    imps_f = dedup(imps, "impression_id", ur.get("impressions", False))
     valid_imps = imps_f.where(F.col("_reason").isNull()).select(
         F.col("impression_id").alias("_p_id"), F.col("_ts").alias("_p_ts"))
 
-    ck = dedup(clicks, "click_id")
+    ck = dedup(clicks, "click_id", ur.get("clicks", False))
     ck = ck.join(valid_imps, ck["impression_id"] == F.col("_p_id"), "left")
     rule = (F.when(F.col("_p_id").isNull(), F.lit("orphan"))
             .when(F.col("_ts") < F.col("_p_ts"), F.lit("before_impression")))
@@ -145,7 +196,7 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
 
     valid_clicks = clicks_f.where(F.col("_reason").isNull()).select(
         F.col("click_id").alias("_c_id"), F.col("_ts").alias("_c_ts"), F.col("_imp").alias("_c_imp"))
-    cv = dedup(convs, "conversion_id")
+    cv = dedup(convs, "conversion_id", ur.get("conversions", False))
     cv = cv.join(valid_clicks, cv["click_id"] == F.col("_c_id"), "left")
     lag_us = F.unix_micros(F.col("_ts")) - F.unix_micros(F.col("_c_ts"))
     rule = (F.when(F.col("_c_id").isNull(), F.lit("orphan"))
@@ -175,13 +226,20 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
     return Flagged(imps_f, clicks_f.drop("_early"), convs_f)
 
 
-def labels_from(fl: Flagged) -> DataFrame:
-    """Valid impressions with ``click`` and ``conversion`` (int8)."""
+def labels_from(fl: Flagged, broadcast: bool = False) -> DataFrame:
+    """Valid impressions with ``click`` and ``conversion`` (int8).
+
+    ``broadcast``: the clicked and converted ids are few enough to broadcast (the caller
+    knows how many clicks were read): the impressions are then labelled where they are
+    read, without a shuffle of their rows.
+    """
     y = fl.clicks.where(F.col("_reason").isNull()).select(F.col("_imp").alias("_y_id")).distinct() \
         .withColumn("click", F.lit(1).cast("tinyint"))
     z = fl.conversions.where(F.col("_reason").isNull()).select(F.col("_imp").alias("_z_id")).distinct() \
         .withColumn("conversion", F.lit(1).cast("tinyint"))
     imps = fl.impressions.where(F.col("_reason").isNull()).drop("_reason")
+    if broadcast:
+        y, z = F.broadcast(y), F.broadcast(z)
     out = (imps.join(y, imps["impression_id"] == F.col("_y_id"), "left")
            .join(z, imps["impression_id"] == F.col("_z_id"), "left")
            .drop("_y_id", "_z_id"))

@@ -25,8 +25,8 @@ from pyspark.sql import functions as F
 from etl import fs
 from etl.errors import InputError
 from etl.features import load_spec, resolve_fields
-from etl.labels import (AFTER_HORIZON, OUT_OF_RANGE, REASONS, Horizon, flag, labels_from, observed_reasons,
-                        rejects_from)
+from etl.labels import (AFTER_HORIZON, OUT_OF_RANGE, REASONS, Horizon, broadcast_rows, flag, labels_from,
+                        observed_reasons, rejects_from)
 from etl.logs import TABLES, list_days, parse_day, raw_rows, read_table, row_json, select_days
 from etl.shards import write_dataset
 from etl.vocab import count_vocab, encode_columns, read_prev_vocab
@@ -225,7 +225,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     # transform: flag every row (lazy: nothing is persisted); raw rows counted from the files
     horizon = Horizon(start, int(click_horizon_days), window_whole_days(window_days)) if start else None
     fl = flag(imps.df, ex.tables["clicks"].df, ex.tables["conversions"].df, window_days * 86400.0,
-              ex.outside_impressions, ex.outside_clicks, horizon)
+              ex.outside_impressions, ex.outside_clicks, horizon,
+              unique_rows={t: ex.tables[t].format == "parquet" for t in TABLES})
     read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
 
     # one job: vocabulary counts of the train days + distinct users/items per split
@@ -233,7 +234,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     vocab, values, uniques = count_vocab(valid, fields, train_days, parent)
     mfields = manifest_fields(fields, values, parent)
 
-    labelled = labels_from(fl)
+    # clicked ids as small as the clicks read (footer counts): label the impressions where they are read
+    labelled = labels_from(fl, broadcast=read["clicks"] <= broadcast_rows(spark, 64))
     samples = labelled.select(
         F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
         "click", "conversion", *[F.col(f["name"]) for f in fields])
@@ -284,34 +286,3 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
         extra=lambda: counts_done()["extra"], check=check,
         days={"train": train_days, "test": test_days}, uniques=uniques)
     return manifest
-
-
-
-@dataclass
-class DayImpressions:
-    """Impressions of one day, flagged by the impression reject rules (for scoring)."""
-    valid: object    # DataFrame: valid impressions, every raw column + _ts (parsed), _dt, _src
-    flagged: object  # DataFrame: every row read + _reason (null, "malformed" or "duplicate")
-    columns: list    # the raw columns, in file order
-    read: int        # rows in the files (footers / lines), counted apart from the flagging
-
-
-def day_impressions(spark, logs: str, day: str) -> DayImpressions:
-    """Valid impressions of ``day`` with all raw columns, and the impression rejects.
-
-    The same rules as ``esmm etl`` (:func:`etl.labels.dedup`: malformed, then duplicate
-    impression_id keeping the earliest). Counting the rejects without an extra job:
-    ``df.observe(obs, *etl.labels.reason_metrics("impressions"))`` on ``flagged`` before
-    filtering, then ``etl.labels.observed_reasons({"impressions": obs})``; or
-    ``flagged.groupBy("_reason").count()`` as one job.
-    """
-    from etl.labels import dedup
-
-    parse_day(day, "--day")
-    folders = list_days(spark, fs.qualify(spark, logs), "impressions")
-    if day not in folders:
-        raise InputError(f"{posixpath.join(logs, 'impressions')}: no partition dt={day}")
-    t = read_table(spark, fs.qualify(spark, logs), "impressions", [day], folders)
-    flagged = dedup(t.df, "impression_id")
-    valid = flagged.where(F.col("_reason").isNull()).select(*t.columns, "_ts", "_dt", "_src")
-    return DayImpressions(valid, flagged, list(t.columns), raw_rows(spark, t))

@@ -31,7 +31,7 @@ def valid_impressions(spark, logs: str, day: str):
         raise InputError(f"{posixpath.join(logs, 'impressions')}: no partition dt={day} "
                          f"(days: {', '.join(sorted(folders)) or 'none'})")
     table = read_table(spark, logs_q, "impressions", [day], folders)
-    flagged = dedup(table.df, "impression_id")
+    flagged = dedup(table.df, "impression_id", unique_rows=table.format == "parquet")
     valid = flagged.where(F.col("_reason").isNull()).select(*table.columns)
     return valid, flagged, table.columns
 

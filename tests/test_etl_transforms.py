@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 import etl_crafted as C
-from etl.labels import Horizon, flag, labels_from
+from etl.labels import Horizon, dedup, flag, labels_from
 from etl.pipeline import run_etl
 from etl.shards import LOSE_ENV, WriteCheckError
 
@@ -48,9 +48,24 @@ def reasons(df, id_col):
     return df.select(id_col, "_ts", "_reason")
 
 
-def test_flag_gives_every_row_its_reason(spark, tables):
+@pytest.fixture(params=["window", "broadcast", "too_many_ids"])
+def dedup_path(request, spark):
+    """The three ways duplicates are judged (etl.labels.dedup): one window over all rows;
+    rows that (_src, _ord) tell apart, with the kept row of each duplicated id broadcast;
+    the same when broadcasting is off (back to the window)."""
+    unique = request.param != "window"
+    if request.param == "too_many_ids":
+        old = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+        spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+        yield {t: unique for t in ("impressions", "clicks", "conversions")}
+        spark.conf.set("spark.sql.autoBroadcastJoinThreshold", old)
+    else:
+        yield {t: unique for t in ("impressions", "clicks", "conversions")}
+
+
+def test_flag_gives_every_row_its_reason(spark, tables, dedup_path):
     imps, clicks, convs = tables
-    fl = flag(imps, clicks, convs, W)
+    fl = flag(imps, clicks, convs, W, unique_rows=dedup_path)
     assertDataFrameEqual(reasons(fl.impressions, "impression_id"), spark.createDataFrame(
         [("i1", t(1, 10), None), ("i2", t(1, 10), None), ("i2", t(1, 11), "duplicate"),
          ("i3", t(1, 10), "malformed"), ("i4", t(2, 10), None)], "impression_id string, _ts timestamp, _reason string"))
@@ -66,8 +81,9 @@ def test_flag_gives_every_row_its_reason(spark, tables):
         "conversion_id string, _ts timestamp, _reason string, _imp string"))
 
 
-def test_labels_from_flags(spark, tables):
-    got = labels_from(flag(*tables, W)).select("impression_id", "click", "conversion")
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_labels_from_flags(spark, tables, broadcast):
+    got = labels_from(flag(*tables, W), broadcast=broadcast).select("impression_id", "click", "conversion")
     assertDataFrameEqual(got, spark.createDataFrame(
         [("i1", 1, 1), ("i2", 0, 0), ("i4", 1, 1)], "impression_id string, click tinyint, conversion tinyint"))
 
@@ -85,6 +101,16 @@ def test_flag_out_of_range_and_after_horizon(spark, tables):
     got = fl.conversions.where(F.col("conversion_id").isin("v6", "v7")).select("conversion_id", "_reason")
     assertDataFrameEqual(got, spark.createDataFrame([("v6", "after_horizon"), ("v7", "out_of_range")],
                                                     "conversion_id string, _reason string"))
+
+
+def test_duplicates_tied_on_ts_keep_the_first_row_read(spark, dedup_path):
+    """Same id, same ts: the row earlier in its file (smaller _ord) is kept, on every path."""
+    rows = [("i1", t(1, 10)), ("i1", t(1, 10)), ("i1", t(1, 9), "user_id missing"), ("i2", t(1, 10))]
+    imps = frame(spark, rows, ["impression_id"])
+    got = dedup(imps, "impression_id", dedup_path["impressions"]).select("_ord", "_reason")
+    assertDataFrameEqual(got, spark.createDataFrame(
+        [("00000", None), ("00001", "duplicate"), ("00002", "malformed"), ("00003", None)],
+        "_ord string, _reason string"))
 
 
 def test_lost_shard_file_fails_without_commit(spark, tmp_path, monkeypatch):
