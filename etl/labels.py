@@ -126,12 +126,11 @@ def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
     if not ids:
         return df.withColumn("_reason", flag_malformed)
     dup = spark.createDataFrame([(r["_d_id"],) for r in ids], f"_d_id {df.schema[id_col].dataType.simpleString()}")
-    first = F.min(F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))).alias("_d_keep")
+    order = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))  # the window's order: the smallest is kept
     keep = (ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
-            .groupBy(F.col(id_col).alias("_d_id")).agg(first))
-    me = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))
+            .groupBy(F.col(id_col).alias("_d_id")).agg(F.min(order).alias("_d_keep")))
     out = df.join(F.broadcast(keep), df[id_col] == F.col("_d_id"), "left")
-    return out.withColumn("_reason", flag_malformed.when(F.col("_d_id").isNotNull() & (me != F.col("_d_keep")),
+    return out.withColumn("_reason", flag_malformed.when(F.col("_d_id").isNotNull() & (order != F.col("_d_keep")),
                                                          F.lit("duplicate"))).drop("_d_id", "_d_keep")
 
 

@@ -48,19 +48,18 @@ def reasons(df, id_col):
     return df.select(id_col, "_ts", "_reason")
 
 
-@pytest.fixture(params=["window", "broadcast", "too_many_ids"])
+@pytest.fixture(params=["window", "broadcast", "broadcast_off"])
 def dedup_path(request, spark):
     """The three ways duplicates are judged (etl.labels.dedup): one window over all rows;
     rows that (_src, _ord) tell apart, with the kept row of each duplicated id broadcast;
     the same when broadcasting is off (back to the window)."""
-    unique = request.param != "window"
-    if request.param == "too_many_ids":
-        old = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    old = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    if request.param == "broadcast_off":
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
-        yield {t: unique for t in ("impressions", "clicks", "conversions")}
+    try:
+        yield {t: request.param != "window" for t in ("impressions", "clicks", "conversions")}
+    finally:
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", old)
-    else:
-        yield {t: unique for t in ("impressions", "clicks", "conversions")}
 
 
 def test_flag_gives_every_row_its_reason(spark, tables, dedup_path):
