@@ -17,11 +17,12 @@ from torch import nn
 from train.embedding import EmbeddingCollection, FieldConfig
 from train.jagged import Batch, KeyedJagged, take_batch
 from train.losses import label_sums, weighted_mean
+from train.model_config import EsmmConfig, ModelShape, OptimConfig
 
 EmbeddingFactory = Callable[[list[FieldConfig], int], nn.Module]
 
 
-def default_embedding_factory(cfg: EsmmConfig) -> EmbeddingFactory:
+def default_embedding_factory(cfg: ModelShape) -> EmbeddingFactory:
     """One process: ``cfg.embedding`` picks the collection; every table draws its init
     from torch's global generator, so seeds differ and ESMM-NS's two tables differ."""
     if cfg.embedding == "plain":
@@ -113,16 +114,16 @@ class CtrCvrModel(nn.Module):
 
     def make_optimizers(self) -> list:
         """Adam on the dense towers, plus each embedding module's own sparse optimizer."""
-        c = self.cfg
-        opts = [dense_adam(self.dense_parameters(), lr=c.lr, betas=c.betas, eps=c.eps)]
-        ecfg = {"lr": c.lr, "sparse_lr": c.sparse_lr or c.lr, "sparse_optimizer": c.sparse_optimizer,
-                "betas": c.betas, "eps": c.eps}
-        return opts + [e.make_optimizer(ecfg) for e in self.embedding_modules()]
+        o = self.cfg.part(OptimConfig)
+        opts = [dense_adam(self.dense_parameters(), lr=o.lr, betas=o.betas, eps=o.eps)]
+        return opts + [e.make_optimizer(o.rows()) for e in self.embedding_modules()]
 
     def select_rows(self, click: torch.Tensor, conversion: torch.Tensor,
                     gen: torch.Generator | None = None) -> torch.Tensor | None:
         """Indices of the rows to train on (repeats allowed); None = every row as is."""
         return None
+
+    weighs_rows = False  # True when row_weight gives weights (UNBIAS: from another model's pCTR)
 
     def row_weight(self, kjt: KeyedJagged) -> torch.Tensor | None:
         """Per-sample loss weights of the selected rows; None = 1."""

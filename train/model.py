@@ -12,11 +12,10 @@ NaN or -inf in the loss.
 
 Beside it: the plumbing every model shares (train/ctr_cvr_model.py, train/towers.py,
 train/losses.py), the paper's baselines (train/baselines.py) and the models that
-correct ESMM's own bias (train/escm2.py, train/dcmt.py).
+correct ESMM's own bias (train/escm2.py, train/dcmt.py); the configuration, one part
+per concern (train/model_config.py: ModelShape, OptimConfig, ModelKnobs = EsmmConfig).
 """
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass, fields as dc_fields
 
 import torch
 import torch.nn.functional as F
@@ -28,54 +27,8 @@ from train.ctr_cvr_model import (  # noqa: F401  (re-exported: the model surface
 from train.embedding import FieldConfig
 from train.jagged import Batch, KeyedJagged
 from train.losses import bce_log_prob, bce_logits, label_sums, log1mexp, weighted_mean  # noqa: F401
+from train.model_config import EsmmConfig, ModelKnobs, ModelShape, OptimConfig  # noqa: F401  (one per concern)
 from train.towers import MLP, TOWERS, Towers, make_tower  # noqa: F401
-
-
-@dataclass
-class EsmmConfig:
-    """Model and optimizer knobs (the paper's defaults); the baselines read theirs too."""
-    dim: int = 18  # embedding dimension
-    tower: str = "mlp"  # key of TOWERS
-    hidden: tuple[int, ...] = (200, 80)  # tower hidden sizes; the output is one logit
-    activation: str = "relu"
-    dropout: float = 0.0
-    pooling: str = "sum"  # multi / weighted fields: sum | mean over ALL values
-    lr: float = 1e-3  # Adam for the towers
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    sparse_optimizer: str = "adam"  # embedding rows: adam (lazy) | adagrad (row-wise where supported)
-    sparse_lr: float | None = None  # None = lr
-    init_std: float = 0.01
-    init_bias: bool = True  # start each tower's output bias at its label's log-odds in the training data
-    tower_precision: str = "auto"  # auto | fp32 | bf16: towers under bf16 autocast (2.2x faster matmuls on CPUs
-    #                                with avx512_bf16/AMX, and on GPU); weights, embedding rows and losses stay fp32
-    embedding: str = "sharded"  # sharded: train/shard's collection at world size 1 (lazy row-wise
-    #                             optimizers, deduplicated lookups; the fast path) | plain: the reference
-    # baselines (see train/baselines.py)
-    aman_rate: float = 0.1  # AMAN: fraction of unclicked impressions sampled in as negatives
-    oversample_k: int = 5  # OVERSAMPLING: each converted clicked sample appears k times
-    unbias_clip: float = 100.0  # UNBIAS: weight 1/pCTR clipped to at most this
-    division_min_ctr: float = 1e-4  # DIVISION: pCVR = pCTCVR / max(pCTR, this), clamped to [0, 1]
-    # the models after ESMM (train/escm2.py, train/dcmt.py); defaults set a priori, not tuned
-    lambda_cvr: float = 1.0  # ESCM²: weight of the counterfactual CVR risk (IPS or DR)
-    propensity_clip: float = 0.01  # ESCM², DCMT: pCTR clipped to >= this (DCMT: and <= 1 - this)
-    dcmt_lambda: float = 1.0  # DCMT: weight of the soft constraint |1 - (pCVR + counterfactual pCVR)|
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EsmmConfig":
-        known = {f.name for f in dc_fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise KeyError(f"unknown model config keys {sorted(unknown)}")
-        d = dict(d)
-        for k in ("hidden", "betas"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 
 class ESMM(CtrCvrModel):

@@ -10,13 +10,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from train.model_config import ModelShape
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "prelu": nn.PReLU}
 
 
 class MLP(nn.Module):
     """in -> hidden... -> 1 logit; the paper's tower (200-80-1 on the field embeddings)."""
 
-    def __init__(self, in_dim: int, cfg: EsmmConfig):
+    def __init__(self, in_dim: int, cfg: ModelShape):
         super().__init__()
         layers, d = [], in_dim
         for h in cfg.hidden:
@@ -37,11 +39,11 @@ class MLP(nn.Module):
 
 # name -> (in_dim, cfg) -> module mapping [B, in_dim] to [B] logits. Register newer
 # sub-networks here (the paper invites replacing the MLP); ``set_output_bias(logit)`` is
-# optional (used by EsmmConfig.init_bias).
-TOWERS: dict[str, Callable[[int, EsmmConfig], nn.Module]] = {"mlp": MLP}
+# optional (used by ModelShape.init_bias).
+TOWERS: dict[str, Callable[[int, ModelShape], nn.Module]] = {"mlp": MLP}
 
 
-def make_tower(in_dim: int, cfg: EsmmConfig) -> nn.Module:
+def make_tower(in_dim: int, cfg: ModelShape) -> nn.Module:
     if cfg.tower not in TOWERS:
         raise KeyError(f"unknown tower {cfg.tower!r} (have {sorted(TOWERS)})")
     return TOWERS[cfg.tower](in_dim, cfg)
@@ -50,7 +52,7 @@ def make_tower(in_dim: int, cfg: EsmmConfig) -> nn.Module:
 class Towers(nn.Module):
     """The dense, replicated part: one tower per head, each on its own input."""
 
-    def __init__(self, names: list[str], in_dim: int, cfg: EsmmConfig):
+    def __init__(self, names: list[str], in_dim: int, cfg: ModelShape):
         super().__init__()
         self.names = list(names)
         self.towers = nn.ModuleList(make_tower(in_dim, cfg) for _ in names)
