@@ -360,3 +360,5 @@ def test_bf16_towers_keep_fp32_outputs_and_keys():
     assert dense[0].weight.dtype == torch.float32  # parameters stay fp32
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # bf16 matmuls: close, not equal
     assert not torch.equal(got, want)
+    dense.eval()
+    assert torch.equal(dense(x), want)  # eval mode runs fp32

@@ -2,8 +2,10 @@
 
 - ``to_device(batch, device)``: pins the host tensors, then copies them with
   ``non_blocking=True`` (the copy overlaps the previous step's kernels).
-- ``bf16_towers(dense)``: the dense towers run under ``torch.autocast(bfloat16)``; their
-  outputs come back as fp32, so losses (log-space products of sigmoids) stay in fp32.
+- ``bf16_towers(dense)``: in training mode the dense towers run under
+  ``torch.autocast(bfloat16)``; their outputs come back as fp32, so losses (log-space
+  products of sigmoids) stay in fp32. In eval mode they run fp32: a model's predictions are
+  the same whether it was just trained or loaded from disk, on any CPU or GPU.
   The embedding rows and their optimizer state stay fp32: only ``model.dense`` is cast.
 - ``resolve_tower_precision("auto"|"fp32"|"bf16", device_type)``: ``auto`` is bf16 on GPU
   and on CPUs with avx512_bf16 or AMX (bf16 matmuls in hardware), fp32 elsewhere.
@@ -57,7 +59,8 @@ def _to_fp32(x):
 
 
 def bf16_towers(dense: nn.Module, device_type: str = "cuda") -> nn.Module:
-    """Run ``dense.forward`` under bf16 autocast, fp32 outputs; parameters stay fp32.
+    """Run ``dense.forward`` under bf16 autocast while training, fp32 outputs; parameters
+    stay fp32. Eval mode (validation, test, scoring) runs fp32.
 
     Replaces the instance's ``forward`` (state-dict keys unchanged, DDP can wrap it).
     """
@@ -65,6 +68,8 @@ def bf16_towers(dense: nn.Module, device_type: str = "cuda") -> nn.Module:
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
+        if not dense.training:
+            return inner(*args, **kwargs)
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             out = inner(*args, **kwargs)
         return _to_fp32(out)
