@@ -70,10 +70,12 @@ def _main(argv) -> int:
         metrics = train_on_data(args.data, args.out, args.model, args.config, args.set,
                                 progress=False if args.no_progress else None, ctr_model_dir=args.ctr_model,
                                 resume=args.resume, init_from=args.init_from, **overrides)
-    from train.bundle import write_bundle
+    from train.bundle import read_bundle, write_bundle
 
-    parent = str(Path(args.init_from).resolve()) if args.init_from else None
-    meta = write_bundle(args.out, parent_model=parent)  # MODEL/ is also the self-contained bundle (bundle.json, safetensors, vocab/)
+    if args.workers:  # the Ray driver wrote the bundle from the workers' shards
+        meta = read_bundle(args.out).meta
+    else:  # MODEL/ is also the self-contained bundle (bundle.json, safetensors, vocab/)
+        meta = write_bundle(args.out, parent_model=str(Path(args.init_from).resolve()) if args.init_from else None)
     keys = ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_cvr_auc", "ctr_logloss", "cvr_logloss", "ctcvr_logloss")
     shown = {k: round(metrics[k], 4) for k in keys if isinstance(metrics.get(k), float)}
     print(f"esmm train: {args.model} -> {args.out} (model_version {meta['model_version']}): {json.dumps(shown)}")

@@ -1,8 +1,9 @@
 """Ray Train with the sharded embedding, on the real local cluster of ``ray_start_2_cpus``.
 
-- a 2-worker run on tiny shards finishes and writes a model (model.pt, config.json,
-  metrics.json) that loads and predicts; the workers held every row but the fewer than W
-  that Ray's equal split leaves out, validating on the rows `esmm train` validates on;
+- a 2-worker run on tiny shards finishes and writes a model (model.pt with the dense
+  weights, the tables as the workers' two shards, config.json, metrics.json); the workers
+  score the test split exactly as the merged model does; they held every row but the
+  fewer than W that Ray's equal split leaves out, validating on the rows `esmm train` does;
 - 1 worker (data_mode=memory) trains exactly like one process: the same losses per epoch;
 - data_mode=stream runs too;
 - a worker killed mid-epoch (test-only fault) is restarted by Ray Train from the last
@@ -57,10 +58,14 @@ def uninterrupted(ray_start_2_cpus, tiny_data, tmp_path_factory):
 
 
 def test_two_workers_train_and_write_a_model(uninterrupted, tiny_data, held_out):
+    import numpy as np
+    import pyarrow.parquet as pq
     import torch
 
     from train.data import load_split
-    from train.local import load_model
+    from train.evaluate import predict
+    from train.local import evaluate_dir, load_model
+    from train.ray_eval import align_predictions
 
     out, metrics = uninterrupted
     assert {"model.pt", "config.json", "metrics.json"} <= {p.name for p in out.iterdir()}
@@ -72,11 +77,19 @@ def test_two_workers_train_and_write_a_model(uninterrupted, tiny_data, held_out)
     assert t["workers"] == 2 and t["steps"] == EPOCHS * steps
     assert [h["steps"] for h in t["history"]] == [steps] * EPOCHS
     assert t["history"][-1]["train_loss"] < t["history"][0]["train_loss"]
-    model, cfg = load_model(out)
+    # no process held a whole table: model.pt has the dense weights only, the tables are
+    # the bundle's two shard files (one per worker), the test split was scored by the workers
+    assert not [k for k in torch.load(out / "model.pt", weights_only=True) if "embeddings" in k]
+    assert sorted(p.name for p in out.glob("emb-*.safetensors")) == [f"emb-0.rank={r}-of-2.safetensors" for r in (0, 1)]
+    model, cfg = load_model(out)  # one process merges them on purpose
     assert cfg["ray"]["saved_by_workers"] == 2
     test = load_split(tiny_data, "test", model.fields)
-    p = model.predict(test.slice(0, 50).features)
-    assert torch.isfinite(p["p_ctcvr"]).all() and bool((p["p_ctcvr"] <= p["p_ctr"]).all())
+    merged = predict(model, test)
+    by_workers = align_predictions(pq.read_table(out / "test_predictions.parquet"), test.sample_id, "preds")
+    assert sorted(by_workers) == ["p_ctcvr", "p_ctr", "p_cvr"]
+    for k, v in merged.items():  # the sharded lookups score every test row as the merged model does
+        np.testing.assert_allclose(by_workers[k], v, rtol=0, atol=1e-6)
+    assert metrics["ctcvr_auc"] == pytest.approx(evaluate_dir(model, str(tiny_data), "test")["ctcvr_auc"], abs=1e-9)
     assert json.loads((out / "metrics.json").read_text())["model"] == "esmm"
 
 
@@ -138,8 +151,14 @@ def test_experiment_on_ray_trains_baselines_on_their_views(ray_start_2_cpus, tin
     (not per streamed batch); UNBIAS gets the protocol's CTR model and its 1/pCTR weights."""
     import math
 
+    import numpy as np
+    import pyarrow.parquet as pq
+
     from train.data import holdout_mask, load_split
+    from train.evaluate import predict
     from train.experiment import run_experiment
+    from train.local import load_model
+    from train.ray_eval import CTR_COLUMN, align_predictions
 
     model_cfg, train_cfg = resolve(None, SETS, epochs=EPOCHS, batch_size=BATCH)
     report = run_experiment(str(tiny_data), str(tmp_path / "rep"), ["base", "unbias"], 1, model_cfg, train_cfg,
@@ -153,6 +172,12 @@ def test_experiment_on_ray_trains_baselines_on_their_views(ray_start_2_cpus, tin
     for name in ("ctr", "base", "unbias"):
         assert report["training"][name][0]["workers"] == 2
         assert math.isfinite(report["training"][name][0]["history"][0]["train_loss"])
+    # UNBIAS's CTR network ran sharded on the workers and gave the CTR model's own pCTR
+    seed_dir = tmp_path / "rep" / "ray_models" / "seed-0"
+    test = load_split(tiny_data, "test")
+    got = align_predictions(pq.read_table(seed_dir / "unbias" / "test_predictions.parquet"), test.sample_id, "u")
+    np.testing.assert_allclose(got[CTR_COLUMN], predict(load_model(seed_dir / "ctr")[0], test)["p_ctr"],
+                               rtol=0, atol=1e-6)
 
 
 def test_ray_job_submit(ray_start_2_cpus, tiny_data, tmp_path):

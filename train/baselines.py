@@ -102,6 +102,7 @@ class Oversampling(SingleTask):
 class UnbiasIPS(SingleTask):
     """Clicked samples re-weighted by 1/pCTR of the independent CTR network (clipped)."""
     name = "unbias-ips"
+    weighs_rows = True
 
     def __init__(self, fields, cfg=None, embedding_factory=None, ctr_model: CtrCvrModel | None = None):
         super().__init__(fields, cfg, embedding_factory)

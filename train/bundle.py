@@ -101,7 +101,8 @@ def write_bundle(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             manifest and vocab/ the model was trained on) and metrics.json.
         shards_dir: a Ray checkpoint with ``shard-rank=<r>.pt`` files (default: the one
             config.json names, if it still exists): the embedding is copied from those
-            shard by shard; otherwise model.pt holds the whole table (one shard).
+            shard by shard; otherwise model.pt holds the whole table (one shard), or, for
+            a Ray-trained MODEL (dense weights only in model.pt), MODEL's own bundle files.
         parent_model: the model this one was warm-started from (lineage).
 
     Returns:
@@ -119,30 +120,42 @@ def write_bundle(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if shards_dir is None and cfg.get("ray", {}).get("checkpoint"):
         ck = Path(cfg["ray"]["checkpoint"])
         shards_dir = ck if ck.is_dir() and any(SHARD_FILE.match(p) for p in os.listdir(ck)) else None
+    # mmap: the tables in model.pt are never read from it when the shards are the source
+    state = torch.load(src / "model.pt", map_location="cpu", mmap=True, weights_only=True)
+    tables = sorted(k for k in state if is_table(k))
+    # a Ray run's model.pt holds the dense weights only: its tables are the shards it was
+    # trained as, in its checkpoint or (once that is gone) in MODEL's own bundle files
+    own = read_bundle(src).meta["weights"]["tables"] if not tables and is_bundle(src) else None
+    if not tables and shards_dir is None and own is None:
+        raise InputError(f"{src}/model.pt holds no embedding tables and neither its Ray checkpoint nor a "
+                         f"bundle in {src} has them")
 
     if out != src:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-    else:  # rewriting MODEL's own bundle: drop a previous one's files
-        for p in list(out.glob("emb-*.safetensors")) + [out / DENSE_FILE, out / BUNDLE_FILE]:
+    else:  # rewriting MODEL's own bundle: drop a previous one's files (its tables when they are rewritten)
+        olds = [out / DENSE_FILE, out / BUNDLE_FILE] + ([] if own is not None and shards_dir is None
+                                                        else list(out.glob("emb-*.safetensors")))
+        for p in olds:
             p.unlink(missing_ok=True)
         shutil.rmtree(out / "vocab", ignore_errors=True)
 
-    # mmap: the tables in model.pt are never read from it when the shards are the source
-    state = torch.load(src / "model.pt", map_location="cpu", mmap=True, weights_only=True)
-    tables = sorted(k for k in state if is_table(k))
     _safetensors_save({k: v for k, v in state.items() if not is_table(k)}, out / DENSE_FILE)
-    index = {}
-    for k, key in enumerate(tables):
-        rows, dim = state[key].shape
-        if shards_dir is None:
-            files = [table_file(k, 0, 1)]
-            _safetensors_save({"rows": state[key]}, out / files[0])
-            world = 1
-        else:
-            world, files = _copy_shards(Path(shards_dir), key, k, rows, out)
-        index[key] = {"rows": int(rows), "dim": int(dim), "world": world, "files": files}
+    if shards_dir is not None:
+        index = _copy_shards(Path(shards_dir), out)
+    elif tables:
+        index = {}
+        for k, key in enumerate(tables):
+            rows, dim = state[key].shape
+            index[key] = {"rows": int(rows), "dim": int(dim), "world": 1, "files": [table_file(k, 0, 1)]}
+            _safetensors_save({"rows": state[key]}, out / index[key]["files"][0])
+    else:
+        index = own
+        if out != src:
+            for t in own.values():
+                for f in t["files"]:
+                    shutil.copyfile(src / f, out / f)
     del state
 
     weight_files = [out / DENSE_FILE] + [out / f for t in index.values() for f in t["files"]]
@@ -173,27 +186,36 @@ def write_bundle(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return meta
 
 
-def _copy_shards(shards_dir: Path, key: str, k: int, rows: int, out: Path) -> tuple[int, list[str]]:
-    """Table ``key`` from a Ray checkpoint's shard files, one shard in memory at a time."""
+def _copy_shards(shards_dir: Path, out: Path) -> dict:
+    """Every embedding table of a Ray checkpoint's final model, from its shard files, one
+    shard file in memory at a time; the bundle's table index."""
     files = sorted((int(m.group(1)), shards_dir / p) for p in os.listdir(shards_dir) if (m := SHARD_FILE.match(p)))
     world = len(files)
     if [r for r, _ in files] != list(range(world)):
         raise InputError(f"{shards_dir}: shard files {[r for r, _ in files]} are not ranks 0..{world - 1}")
-    names = []
+    index: dict = {}
     for r, path in files:
         shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if shard.get("world") != world:
             raise InputError(f"{path}: written by a world of {shard.get('world')}, found {world} shard files")
-        t = shard["tensors"].get(f"model/{key}")
-        if t is None:
-            raise InputError(f"{path}: no embedding rows 'model/{key}' (not a final model checkpoint?)")
-        want = max(0, (rows - r + world - 1) // world)
-        if t.shape[0] != want:
-            raise InputError(f"{path}: {t.shape[0]} rows of {key}, rank {r} of {world} owns {want} of {rows}")
-        names.append(table_file(k, r, world))
-        _safetensors_save({"rows": t}, out / names[-1])
-        del shard, t
-    return world, names
+        keys = sorted(n[len("model/"):] for n in shard["tensors"] if n.startswith("model/") and is_table(n[6:]))
+        if not keys:
+            raise InputError(f"{path}: no embedding rows 'model/...' (not a final model checkpoint?)")
+        if r == 0:
+            index = {key: {"rows": int(shard["num_rows"][f"model/{key}"]), "world": world, "files": []}
+                     for key in keys}
+        elif sorted(index) != keys:
+            raise InputError(f"{path}: tables {keys}, rank 0 has {sorted(index)}")
+        for k, key in enumerate(keys):
+            t, rows = shard["tensors"][f"model/{key}"], index[key]["rows"]
+            want = max(0, (rows - r + world - 1) // world)
+            if t.shape[0] != want:
+                raise InputError(f"{path}: {t.shape[0]} rows of {key}, rank {r} of {world} owns {want} of {rows}")
+            index[key]["dim"] = int(t.shape[1])
+            index[key]["files"].append(table_file(k, r, world))
+            _safetensors_save({"rows": t}, out / index[key]["files"][-1])
+        del shard
+    return index
 
 
 # ---------------------------------------------------------------- reading

@@ -153,9 +153,10 @@ def run_experiment(data_dir: str, out_dir: str | None = None, models: list[str] 
                 if ray_cfg is None:
                     model, result = train_model(name, train, cfgs[name], tc, val, ctr_model=ctr_model,
                                                 embedding_factory=embedding_factory, progress=progress)
-                else:
-                    model, result = _train_on_ray(data_dir, ray_root / f"seed-{tc.seed}", name, cfgs[name], tc, ray_cfg)
-                preds = predict(model, test)
+                    preds = predict(model, test)
+                else:  # the workers score the test split: no process builds the whole model
+                    model, (preds, result) = None, _train_on_ray(data_dir, ray_root / f"seed-{tc.seed}", name,
+                                                                 cfgs[name], tc, ray_cfg, test.sample_id)
                 if name == "ctr":
                     ctr_model, ctr_preds = model, preds["p_ctr"]
                 m = score(preds, test, ctr_preds, truth)
@@ -209,22 +210,24 @@ def pick_knobs(names: list[str], train, val, model_cfg: EsmmConfig, tc: TrainCon
     return out
 
 
-def _train_on_ray(data_dir: str, seed_dir: Path, name: str, model_cfg: EsmmConfig, tc: TrainConfig, ray_cfg):
+def _train_on_ray(data_dir: str, seed_dir: Path, name: str, model_cfg: EsmmConfig, tc: TrainConfig, ray_cfg,
+                  sample_id) -> tuple[dict, dict]:
     """Train ``name`` with train.ray_trainer.run_training into SEED_DIR/NAME; baselines
     that need the independent CTR model get SEED_DIR/ctr (trained first in the protocol).
-    Returns (model, fit result) like train.local.train_model."""
+    Returns (the workers' test predictions in the order of ``sample_id``, fit result)."""
+    import pyarrow.parquet as pq
+
     from train.baselines import NEEDS_CTR_MODEL
-    from train.local import load_model
+    from train.ray_eval import CTR_COLUMN, align_predictions
     from train.ray_trainer import run_training
 
     ctr_dir = str(seed_dir / "ctr") if name in NEEDS_CTR_MODEL else None
     metrics = run_training(data_dir, str(seed_dir / name), name, model_cfg, tc,
                            replace(ray_cfg, name=name), ctr_model_dir=ctr_dir)
-    model = load_model(str(seed_dir / name))[0]
-    if ctr_dir and hasattr(model, "set_ctr_model"):
-        model.set_ctr_model(load_model(ctr_dir)[0])
-    model.eval()
-    return model, metrics["training"]
+    path = seed_dir / name / "test_predictions.parquet"
+    preds = align_predictions(pq.read_table(path), sample_id, str(path))
+    preds.pop(CTR_COLUMN, None)
+    return preds, metrics["training"]
 
 
 def merge_reports(report_dirs: list[str], out_dir: str | None = None) -> dict:

@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -39,17 +40,21 @@ from train.metrics import jsonable
 from train.model import EmbeddingFactory, EsmmConfig
 
 
-def dataset_view(model, cols: Columns, seed: int, epoch: int, batch_size: int = 32768) -> Columns:
+def dataset_view(model, cols: Columns, seed: int, epoch: int, batch_size: int = 32768,
+                 weigh_batches: Callable[[Columns], Iterable] | None = None) -> Columns:
     """``model.train_view`` applied to a whole split: the rows it trains on (and weights),
-    drawn afresh per epoch (AMAN's sampled negatives), so batches keep their full size."""
+    drawn afresh per epoch (AMAN's sampled negatives), so batches keep their full size.
+    ``weigh_batches(view)``: the batches to weigh the view in (a Ray rank's, in lockstep
+    with the other ranks' lookups, blank rows after its own; those weights are dropped)."""
     g = torch.Generator().manual_seed((int(seed) * 7919 + int(epoch)) * 104729 + 17)
     rows = model.select_rows(cols.click, cols.conversion, g)
     view = cols if rows is None else cols.take(rows)
-    device = next(model.parameters()).device  # a Ray worker's model may be on its GPU
-    weigh = lambda b: model.row_weight(to_device(b, device).features)  # noqa: E731
-    if len(view) and weigh(view.slice(0, 1)) is not None:
-        w = [weigh(b).cpu() for b in view.batches(batch_size)]
-        view = Columns(view.fields, view.columns, view.click, view.conversion, view.sample_id, torch.cat(w))
+    if model.weighs_rows:
+        device = next(model.parameters()).device  # a Ray worker's model may be on its GPU
+        batches = weigh_batches(view) if weigh_batches else view.batches(batch_size)
+        w = [model.row_weight(to_device(b, device).features).cpu() for b in batches]
+        w = torch.cat(w)[:len(view)] if w else torch.zeros(0)
+        view = Columns(view.fields, view.columns, view.click, view.conversion, view.sample_id, w)
     return view
 
 
@@ -130,23 +135,40 @@ def train_model(name: str, train: Columns, model_cfg: EsmmConfig | None = None,
 
 def save_model(model, out_dir: str | os.PathLike, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
                extra: dict | None = None) -> None:
+    write_model_dir(out_dir, name, model.fields, model.state_dict(), model_cfg, train_cfg, extra)
+
+
+def write_model_dir(out_dir: str | os.PathLike, name: str, fields: list[FieldConfig], state: dict,
+                    model_cfg: EsmmConfig, train_cfg: TrainConfig, extra: dict | None = None) -> None:
+    """MODEL/model.pt (``state``: the whole state dict, or a Ray run's dense weights only,
+    its tables then being MODEL's bundle files) and MODEL/config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
-    cfg = {"model": name, "fields": [asdict(f) for f in model.fields],
+    torch.save(state, out / "model.pt")
+    cfg = {"model": name, "fields": [asdict(f) for f in fields],
            "model_cfg": model_cfg.to_dict(), "train_cfg": train_cfg.to_dict(), **(extra or {})}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def load_model(model_dir: str | os.PathLike, embedding_factory: EmbeddingFactory | None = None):
-    """(model, config dict) from a MODEL dir written by save_model."""
+    """(model, config dict) from a MODEL dir written by save_model; the embedding tables
+    of a Ray-trained MODEL are merged into one process from its bundle's shard files."""
+    from train.bundle import is_bundle, is_table, merged_table, read_bundle
+
     d = Path(model_dir)
     if not (d / "config.json").is_file() or not (d / "model.pt").is_file():
         raise InputError(f"{d}: not a model dir (needs config.json and model.pt from `esmm train`)")
     cfg = json.loads((d / "config.json").read_text())
     fields = [FieldConfig(**f) for f in cfg["fields"]]
     model = build_model(cfg["model"], fields, EsmmConfig.from_dict(cfg["model_cfg"]), embedding_factory)
-    model.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+    state = torch.load(d / "model.pt", weights_only=True)
+    missing = [k for k in model.state_dict() if is_table(k) and k not in state]
+    if missing:
+        if not is_bundle(d):
+            raise InputError(f"{d}/model.pt: no embedding tables {missing} and no bundle beside it")
+        b = read_bundle(d)
+        state.update({k: merged_table(b, k) for k in missing})
+    model.load_state_dict(state)
     model.eval()
     return model, cfg
 
@@ -191,12 +213,23 @@ def evaluate_dir(model, data_dir: str, split: str = "test", ctr_model=None, mani
     cols = cols or load_split_for(model, data_dir, split, manifest)
     preds = predict(model, cols)
     ctr_preds = None
-    if "p_ctr" not in preds or model.name not in OWN_CTR:
-        ctr_preds = predict(ctr_model, cols)["p_ctr"] if ctr_model is not None else preds.get("p_ctr")
+    if ctr_model is not None and not ("p_ctr" in preds and model.name in OWN_CTR):
+        ctr_preds = predict(ctr_model, cols)["p_ctr"]
+    return evaluate_preds(model.name, preds, cols, ctr_preds, manifest, data_dir, split)
+
+
+def evaluate_preds(name: str, preds: dict, cols: Columns, ctr_preds, manifest: dict, data_dir: str,
+                   split: str = "test") -> dict:
+    """metrics.json content from model ``name``'s predictions ``preds`` of ``cols`` (and the
+    independent CTR network's pCTR ``ctr_preds``, if any, for the CTCVR task)."""
+    if "p_ctr" in preds and name in OWN_CTR:
+        ctr_preds = None  # its own pCTR
+    elif ctr_preds is None:
+        ctr_preds = preds.get("p_ctr")
     t = truth_dir(manifest)
     truth = read_truth(t, cols.sample_id) if t and split == "test" and os.path.exists(t) else None
     m = score(preds, cols, ctr_preds, truth)
-    m.update(model=model.name, split=split, data=str(data_dir))
+    m.update(model=name, split=split, data=str(data_dir))
     return m
 
 

@@ -104,10 +104,13 @@ def view_or_blank(model, batch: Batch | None, gen, fields) -> Batch:
     (this rank is out of batches, or BASE on a batch without clicks), so the rank still
     joins the step's collectives."""
     if batch is not None:
-        view = model.train_view(batch, gen)
+        view = model.train_view(batch, gen)  # weighs the view's rows when it has any
         if view.size:
             return view
-    return blank_row(fields)
+    blank = blank_row(fields)
+    if model.weighs_rows:  # UNBIAS: the other ranks look their rows up in the sharded CTR table now
+        model.row_weight(blank.features)
+    return blank
 
 
 def _val_views(model, batches, seed: int, fields, device, world: int):
@@ -145,10 +148,18 @@ def memory_source(model, fields, config: dict, rank: int, local_bs: int, eval_bs
     blank = blank_row(fields)
     views: dict = {}
 
+    def weigh_batches(view):  # UNBIAS weighs with the sharded CTR table: as many lookups on every rank
+        return lockstep(view.batches(eval_bs) if view is not None else (), device, world, fill=lambda: blank)
+
     def view_of(epoch: int):  # this epoch's view of the rank's rows (kept for the epoch's steps)
-        if train is not None and epoch not in views:
+        if epoch not in views:
             views.clear()
-            views[epoch] = dataset_view(model, train, rank_seed, epoch)
+            if train is not None:
+                views[epoch] = dataset_view(model, train, rank_seed, epoch, weigh_batches=weigh_batches)
+            elif model.weighs_rows:  # no rows here: only join the other ranks' lookups
+                views[epoch] = None
+                for b in weigh_batches(None):
+                    model.row_weight(b.features)
         return views.get(epoch)
 
     def train_batches(epoch: int, start_step: int):

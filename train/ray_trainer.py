@@ -39,7 +39,6 @@ from train.loop import TrainConfig
 from train.model import EsmmConfig
 from train.ray_data import datasets
 from train.ray_worker import DENSE_FILE, train_loop_per_worker
-from train.shard.checkpoint import load_shard, merge_state
 
 FAIL_ENV = "ESMM_TEST_FAIL_AT"  # tests only: "EPOCH:STEP:RANK:MARKER" kills that worker once
 FAIL_HOLD_ENV = "ESMM_TEST_FAIL_HOLD_S"  # tests only: the faulty worker hangs this long first (a stuck try)
@@ -186,27 +185,21 @@ def fit_on_ray(config: dict, ray_cfg: RayConfig, storage: Path, train_datasets: 
     return res
 
 
-def load_final_model(checkpoint_dir: str, name: str, fields, model_cfg: EsmmConfig):
-    """The final model of a run from its checkpoint dir, re-sharded to one process;
-    (model, the number of workers that saved it)."""
-    from train.baselines import build_model
-
-    rows, _ = load_shard(checkpoint_dir, 0, 1)  # the whole table: re-sharded to one process
-    state = merge_state(rows, torch.load(Path(checkpoint_dir) / DENSE_FILE, map_location="cpu", weights_only=True))
-    model = build_model(name, fields, model_cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, state.get("world")
-
-
 def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, train_cfg: TrainConfig,
                  ray_cfg: RayConfig, ctr_model_dir: str | None = None, address: str | None = None,
                  init_from: str | None = None) -> dict:
-    """Train ``name`` on Ray; write MODEL/ (model.pt, config.json, metrics.json). Returns metrics.
+    """Train ``name`` on Ray; write MODEL/ (model.pt with the dense weights, the bundle with
+    the tables as the workers held them, config.json, metrics.json, test_predictions.parquet).
+    Returns metrics. No process here ever holds a whole table: the workers score the test
+    split and the tables go from their checkpoint shards to the bundle one shard at a time.
     ``init_from``: a model bundle every worker warm-starts its part from (train/warm_start.py)."""
+    import pyarrow.parquet as pq
+
     from train.baselines import NEEDS_CTR_MODEL
-    from train.data import load_manifest, manifest_fields
-    from train.local import evaluate_dir, load_model, save_model
+    from train.bundle import is_bundle, write_bundle
+    from train.data import load_manifest, load_split, manifest_fields, split_files
+    from train.local import evaluate_preds, write_model_dir
+    from train.ray_eval import CTR_COLUMN, read_predictions
 
     if ray_cfg.num_workers < 1:
         raise InputError(f"--workers must be >= 1, got {ray_cfg.num_workers}")
@@ -214,6 +207,9 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
         raise InputError(f"--data-mode must be memory or stream, got {ray_cfg.data_mode!r}")
     if name in NEEDS_CTR_MODEL and not ctr_model_dir:
         raise InputError(f"train: --model {name} with --workers needs --ctr-model (a trained `ctr` MODEL dir)")
+    if ctr_model_dir and not is_bundle(ctr_model_dir):
+        raise InputError(f"--ctr-model {ctr_model_dir}: not a model bundle (`esmm train` writes one into MODEL; "
+                         f"`esmm export --model MODEL --out BUNDLE` for an older MODEL)")
     manifest = load_manifest(data_dir)
     fields = manifest_fields(manifest, model_cfg.pooling)
     out = Path(out_dir).resolve()
@@ -223,23 +219,32 @@ def run_training(data_dir: str, out_dir: str, name: str, model_cfg: EsmmConfig, 
         check_resume_world(storage / ray_cfg.name, ray_cfg.num_workers)
     config = worker_config(name, manifest, fields, model_cfg, train_cfg, ray_cfg, ctr_model_dir)
     config["init_from"] = warm_start_source(init_from, name, fields)
+    config["test_files"] = split_files(data_dir, manifest, "test")
     with ray_cluster(address):
         res = fit_on_ray(config, ray_cfg, storage, datasets(data_dir, manifest, fields, train_cfg.val_fraction))
     fit_result = json.loads(res.metrics["result"])
+    test = load_split(data_dir, "test", fields, manifest)
     with res.checkpoint.as_directory() as d:
-        model, saved_by = load_final_model(d, name, fields, model_cfg)
-    ctr_model = None
-    if ctr_model_dir:
-        ctr_model = load_model(ctr_model_dir)[0]
-        if hasattr(model, "set_ctr_model"):
-            model.set_ctr_model(ctr_model)
-    save_model(model, out, name, model_cfg, train_cfg,
-               {"data": str(data_dir), "ray": {"workers": ray_cfg.num_workers, "saved_by_workers": saved_by,
-                                                "checkpoint": res.checkpoint.path}})
-    metrics = evaluate_dir(model, data_dir, "test", ctr_model, manifest)
-    metrics["training"] = {**fit_result, "workers": ray_cfg.num_workers}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        rest = torch.load(Path(d) / DENSE_FILE, map_location="cpu", weights_only=True)
+        write_model_dir(out, name, fields, rest["model"], model_cfg, train_cfg,
+                        {"data": str(Path(data_dir).resolve()),
+                         **({"init_from": str(Path(init_from).resolve())} if init_from else {}),
+                         "ray": {"workers": ray_cfg.num_workers, "saved_by_workers": rest.get("world"),
+                                 "checkpoint": res.checkpoint.path}})
+        preds = read_predictions(d, test.sample_id)
+        pq.write_table(pa_predictions(test.sample_id, preds), out / "test_predictions.parquet")
+        ctr_preds = preds.pop(CTR_COLUMN, None)
+        metrics = evaluate_preds(name, preds, test, ctr_preds, manifest, data_dir, "test")
+        metrics["training"] = {**fit_result, "workers": ray_cfg.num_workers}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        write_bundle(out, shards_dir=d)  # the tables, one shard at a time; metrics.json goes in too
     return metrics
+
+
+def pa_predictions(sample_id, preds: dict):
+    import pyarrow as pa
+
+    return pa.table({"sample_id": pa.array(sample_id, pa.string()), **{k: pa.array(v) for k, v in preds.items()}})
 
 
 def _fail_at_from_env() -> dict | None:

@@ -17,7 +17,8 @@ The step's loss is ``GlobalMeanLoss``: the mean over every rank's real rows (bla
 padding rows weigh 0), whatever the split, and the reported train_loss is that same
 mean over the epoch (``LossTally``), so 2 workers report what one process would.
 
-At the end every rank reports the final (best-epoch) model with the fit result.
+At the end every rank predicts its part of the test split (train/ray_eval.py) and
+reports the final (best-epoch) model, its predictions and the fit result.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from train.embedding import FieldConfig
 from train.loop import TrainConfig, fit
 from train.model import EsmmConfig
 from train.ray_data import memory_source, stream_source
+from train.ray_eval import predict_test, write_predictions
 from train.shard.checkpoint import load_shard, merge_state, plain_keys, save_shard, split_state, wrapped_keys
 
 DENSE_FILE = "dense.pt"
@@ -105,10 +107,10 @@ def build_worker_model(config: dict, group, device, bias_from_counts: bool):
     model = build_model(config["model"], fields, model_cfg, factory)
     if bias_from_counts and model_cfg.init_bias and config.get("train_counts"):
         _init_bias_from_counts(model, config["train_counts"], seed)
-    if config["model"] in NEEDS_CTR_MODEL:
-        from train.local import load_model
+    if config["model"] in NEEDS_CTR_MODEL:  # UNBIAS's CTR network, its tables sharded like the model's
+        from train.ray_eval import sharded_ctr_model
 
-        model.set_ctr_model(load_model(config["ctr_model_dir"])[0].to(device))
+        model.set_ctr_model(sharded_ctr_model(config["ctr_model_dir"], group, device))
     return model.to(device)
 
 
@@ -149,8 +151,10 @@ def restore_state(model, directory: str, rank: int, world: int) -> dict:
     return state
 
 
-def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, extra: dict) -> None:
-    """``ray.train.report`` with a checkpoint: every rank its rows, rank 0 the dense state."""
+def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, extra: dict,
+                      write_more=None) -> None:
+    """``ray.train.report`` with a checkpoint: every rank its rows, rank 0 the dense state
+    (``write_more(dir)``: this rank's other files, e.g. its test predictions)."""
     import ray.train
 
     rows, counts, rest = split_state(model, state)
@@ -162,6 +166,8 @@ def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, 
         torch.save({"cpu": torch.get_rng_state()}, Path(d) / RNG_FILE.format(rank=rank))
         if rank == 0:
             torch.save({**rest, **extra, "world": world}, Path(d) / DENSE_FILE)
+        if write_more is not None:
+            write_more(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -293,6 +299,9 @@ def train_loop_per_worker(config: dict) -> None:
     # where this attempt started: > 0 after a restart from a checkpoint
     result["resumed_at_global_step"] = int(start_state["global_step"]) if start_state else 0
     result["rows"] = rows  # memory mode: the train / validation rows the workers held, summed
+    # the test split scored here, with the sharded tables: the driver never builds the model
+    preds = predict_test(model, config["test_files"], fields, eval_bs, device, rank, world)
     final = {"model": model.state_dict(), "final": True}
     report_checkpoint(model, final, rank, world, {"final": 1, "global_step": result["steps"],
-                                                  "result": json.dumps(result, default=float)}, extra)
+                                                  "result": json.dumps(result, default=float)}, extra,
+                      write_more=lambda d: write_predictions(preds, d, rank))
