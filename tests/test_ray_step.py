@@ -5,7 +5,8 @@
 - a rank that pads (train.ray_data.blank_row) changes nothing: the step equals the
   one-process step on the other rank's rows alone, every row and every optimizer
   state included (a blank row of id 0 used to move id 0's rows under lazy Adam);
-- the loss the worker reports (LossTally, summed over ranks) is the one-process loss.
+- the loss the worker reports (LossTally, summed over ranks) is the one-process loss;
+- a checkpoint carries each rank's RNG state: dropout resumes as it would have run.
 """
 from __future__ import annotations
 
@@ -156,3 +157,27 @@ def test_blank_row_touches_no_row():
     after = state_of(model, opts, 0, 1)
     for k in before:  # rows, row state and the row optimizer's step count alike
         assert torch.equal(before[k], after[k]), k
+
+
+def test_checkpoint_carries_the_rng_so_dropout_resumes_as_it_would_have_run(tmp_path):
+    """A restarted worker starts with another global RNG state; restoring its checkpoint
+    puts back the one it saved, so the dropout masks after the checkpoint are those the
+    uninterrupted run drew (and the rows come back too)."""
+    from train.shard import ShardedEmbeddingCollection
+    from train.ray_worker import restore_state, write_checkpoint
+
+    torch.manual_seed(0)
+    model = ESMM(FIELDS, EsmmConfig(dim=3, hidden=(16,), dropout=0.5, init_bias=False),
+                 lambda fs, d: ShardedEmbeddingCollection(fs, d, init_std=0.3, group=None, seed=7))
+    model.train()
+    kjt = rows_batch().features
+    model(kjt)  # draws before the checkpoint
+    write_checkpoint(tmp_path, model, {"model": model.state_dict(), "epoch": 0, "step": 3}, 0, 1, {})
+    want = model(kjt)  # the uninterrupted run's next masks
+    torch.manual_seed(1234)  # the restarted process
+    state = restore_state(model, str(tmp_path), 0, 1)
+    got = model(kjt)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not torch.equal(model(kjt)["ctr"], want["ctr"])  # dropout is live: masks differ per draw
+    assert torch.equal(state["model"]["embeddings.0.weight"], model.embeddings[0].rows)

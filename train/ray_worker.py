@@ -151,21 +151,29 @@ def restore_state(model, directory: str, rank: int, world: int) -> dict:
     return state
 
 
-def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, extra: dict,
-                      write_more=None) -> None:
-    """``ray.train.report`` with a checkpoint: every rank its rows, rank 0 the dense state
-    (``write_more(dir)``: this rank's other files, e.g. its test predictions)."""
-    import ray.train
-
+def write_checkpoint(directory: str | os.PathLike, model, state: dict, rank: int, world: int,
+                     extra: dict) -> None:
+    """This rank's checkpoint files in ``directory``: its rows (``shard-rank=<r>.pt``), its
+    global torch RNG state (``rng-rank=<r>.pt``: dropout resumes as it would have run) and,
+    on rank 0, the dense state; ``restore_state`` reads them back."""
     rows, counts, rest = split_state(model, state)
     for key in ("model", "best_model"):
         if rest.get(key) is not None:
             rest[key] = plain_keys(model, rest[key])
+    save_shard(directory, rank, world, rows, counts, meta={"epoch": state.get("epoch"), "step": state.get("step")})
+    torch.save({"cpu": torch.get_rng_state()}, Path(directory) / RNG_FILE.format(rank=rank))
+    if rank == 0:
+        torch.save({**rest, **extra, "world": world}, Path(directory) / DENSE_FILE)
+
+
+def report_checkpoint(model, state: dict, rank: int, world: int, metrics: dict, extra: dict,
+                      write_more=None) -> None:
+    """``ray.train.report`` with a checkpoint (``write_checkpoint``; ``write_more(dir)``:
+    this rank's other files, e.g. its test predictions)."""
+    import ray.train
+
     with tempfile.TemporaryDirectory(prefix="esmm-ckpt-") as d:
-        save_shard(d, rank, world, rows, counts, meta={"epoch": state.get("epoch"), "step": state.get("step")})
-        torch.save({"cpu": torch.get_rng_state()}, Path(d) / RNG_FILE.format(rank=rank))
-        if rank == 0:
-            torch.save({**rest, **extra, "world": world}, Path(d) / DENSE_FILE)
+        write_checkpoint(d, model, state, rank, world, extra)
         if write_more is not None:
             write_more(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
