@@ -9,6 +9,7 @@ import torch
 from train.embedding import FieldConfig
 from train.jagged import KeyedJagged
 from train.shard import ShardedEmbeddingCollection
+from train.shard.collection import dedup_field_major
 
 FIELDS = [FieldConfig("user", "single", 41), FieldConfig("item", "single", 7, "mean"),
           FieldConfig("ctx", "single", 3)]  # ctx: every id repeats many times
@@ -62,3 +63,18 @@ def test_other_batches_take_the_general_path():
     # an empty batch
     e = KeyedJagged(kjt.keys, kjt.values[:0], torch.zeros(1, dtype=torch.long), kjt.weights[:0], 0)
     assert not emb.all_single(e)
+
+
+def test_dedup_by_field_sorts_is_one_stable_sort_of_the_sample_order():
+    g = torch.Generator().manual_seed(2)
+    sizes = torch.tensor([f.vocab_size for f in FIELDS])
+    offset = torch.cumsum(sizes, 0) - sizes
+    for b in (1, 5, 64):
+        grid = torch.stack([torch.randint(0, f.vocab_size, (b,), generator=g) for f in FIELDS]) + offset[:, None]
+        gids = grid.t().reshape(-1)
+        uniq, order, starts = dedup_field_major(grid.clone())
+        ids, ref_order = gids.sort(stable=True)
+        assert torch.equal(order, ref_order)  # the same permutation, ties in position order
+        assert torch.equal(uniq, torch.unique(gids))
+        assert torch.equal(ids[starts], uniq) and torch.equal(starts, torch.unique_consecutive(
+            ids, return_counts=True)[1].cumsum(0).roll(1).index_fill_(0, torch.tensor([0]), 0))

@@ -69,19 +69,26 @@ def test_unweighted_batches_carry_no_weights_and_single_fields_unit_offsets():
     assert torch.equal(b.features.values, cols.columns[0].values[cols.permutation(1, 0)[:16]])
 
 
-def _esmm():
+def _esmm(hidden=(20, 7), activation="relu"):
     torch.manual_seed(0)
     fields = [FieldConfig(f"f{i}", "single", 30) for i in range(5)]
-    return ESMM(fields, EsmmConfig(dim=6, hidden=(20, 7)))
+    return ESMM(fields, EsmmConfig(dim=6, hidden=hidden, activation=activation))
 
 
-def test_fused_towers_equal_separate_towers():
-    m = _esmm()
+@pytest.mark.parametrize("hidden,activation,fn", [
+    ((20, 7), "relu", "SharedReluTowersBackward"),  # the paper's shape: one autograd function
+    ((20,), "relu", "SharedReluTowersBackward"),
+    ((20, 7, 5), "relu", "SharedReluTowersBackward"),
+    ((20, 7), "gelu", "AddmmBackward"),  # not all ReLU: the fused first layer through autograd
+])
+def test_fused_towers_equal_separate_towers(hidden, activation, fn):
+    m = _esmm(hidden, activation)
     fused = copy.deepcopy(m)
     assert dev.fuse_shared_towers(fused.dense)
     x = torch.randn(64, 30, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     a, b = m.dense(x, x), fused.dense(x2, x2)
+    assert type(b[0].grad_fn.next_functions[0][0]).__name__.startswith(fn)  # under the squeeze
     for p, q in zip(a, b):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
     (a[0].sum() + 2 * a[1].sum()).backward()

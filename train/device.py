@@ -10,7 +10,7 @@
 - ``resolve_tower_precision("auto"|"fp32"|"bf16", device_type)``: ``auto`` is bf16 on GPU
   and on CPUs with avx512_bf16 or AMX (bf16 matmuls in hardware), fp32 elsewhere.
 - ``prepare_towers(model, precision, device_type)``: what a trainer calls once after
-  building the model: fuses shared towers' first layers (``fuse_shared_towers``),
+  building the model: fuses shared towers (``train.fused_towers.fuse_shared_towers``),
   resolves the precision, prints it, applies bf16 autocast when it resolves to bf16.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from train.errors import InputError
+from train.fused_towers import fuse_shared_towers  # noqa: F401  (re-exported)
 from train.jagged import Batch, KeyedJagged
 
 TOWER_PRECISIONS = ("auto", "fp32", "bf16")
@@ -104,60 +105,6 @@ def resolve_tower_precision(precision: str | None, device_type: str = "cpu") -> 
     if flag:
         return "bf16", f"auto: this CPU has {flag}"
     return "fp32", "auto: this CPU has no avx512_bf16 or AMX"
-
-
-def _fusable(towers) -> bool:
-    """Towers that are MLPs (Linear, activation, ..., Linear) with the same input size and a
-    parameter-free activation after their first layer (no dropout anywhere)."""
-    acts = (nn.ReLU, nn.GELU, nn.SiLU)
-    nets = [getattr(t, "net", None) for t in towers]
-    if len(nets) < 2 or not all(isinstance(n, nn.Sequential) and len(n) >= 3 for n in nets):
-        return False
-    first = [n[0] for n in nets]
-    return (all(isinstance(f, nn.Linear) and f.bias is not None for f in first)
-            and len({f.in_features for f in first}) == 1
-            and all(type(n[1]) in acts and type(n[1]) is type(nets[0][1]) for n in nets)
-            and not any(isinstance(m, nn.Dropout) for n in nets for m in n))
-
-
-def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``module(h)``; a ReLU in place on the fresh matmul output (one [B, hidden] tensor less)."""
-    return torch.relu_(h) if type(module) is nn.ReLU else module(h)
-
-
-def fuse_shared_towers(dense: nn.Module) -> bool:
-    """When every tower reads the same input (ESMM's shared embedding), run their first
-    layers as one matmul: ``[B, in] @ [in, sum(hidden)]`` forward, one ``[B, sum(hidden)] @
-    [sum(hidden), in]`` for the input's gradient backward (larger, faster GEMMs than one per
-    tower). Same parameters and state-dict keys; outputs equal up to float rounding. Only in
-    training mode and without hooks on the towers; anything else takes the module's own
-    forward. Returns whether the towers qualified."""
-    towers = getattr(dense, "towers", None)
-    if towers is None or not _fusable(list(towers)):
-        return False
-    inner = dense.forward
-    firsts = [t.net[0] for t in towers]
-    sizes = [f.out_features for f in firsts]
-
-    def hooked() -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks for m in dense.modules())
-
-    @functools.wraps(inner)
-    def forward(*xs):
-        if not dense.training or len(xs) != len(firsts) or any(x is not xs[0] for x in xs) or hooked():
-            return inner(*xs)
-        w = torch.cat([f.weight for f in firsts])  # [sum(hidden), in]
-        b = torch.cat([f.bias for f in firsts])
-        hs = _act(towers[0].net[1], torch.addmm(b, xs[0], w.t())).split(sizes, dim=1)
-        outs = []
-        for t, h in zip(towers, hs):
-            for layer in t.net[2:]:
-                h = _act(layer, h) if not isinstance(layer, nn.Linear) else layer(h)
-            outs.append(h.squeeze(-1))
-        return tuple(outs)
-
-    dense.forward = forward
-    return True
 
 
 def prepare_towers(model: nn.Module, precision: str | None = "auto", device_type: str = "cpu",

@@ -78,6 +78,25 @@ def init_rows(num_rows: int, dim: int, rank: int, world: int, std: float, seed: 
     return out
 
 
+def dedup_field_major(field_major: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uniq, order, starts) of the ids ``field_major.t().reshape(-1)`` (sample order), for an
+    [F, B] grid whose rows hold disjoint, ascending id ranges (field f's global ids): uniq
+    ascending (what torch.unique gives), ``order`` what a stable sort of the sample-order ids
+    gives, so unique id u sits at positions order[starts[u]:starts[u+1]], ascending.
+
+    F sorts of B ids (~2x faster than one sort of B*F here): the rows concatenated are the
+    global order, and a stable sort keeps equal ids in ascending b, i.e. in ascending
+    sample-order position b*F + f."""
+    nF = field_major.shape[0]
+    ids, b = field_major.sort(dim=1, stable=True)
+    ids = ids.view(-1)
+    order = b.mul_(nF).add_(torch.arange(nF, device=b.device).unsqueeze(1)).view(-1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    torch.ne(ids[1:], ids[:-1], out=first[1:])
+    starts = first.nonzero().squeeze(1)
+    return ids.index_select(0, starts), order, starts
+
+
 @dataclass
 class ShardPlan:
     """What input_dist decided for one batch (kept for output_dist and backward)."""
@@ -267,15 +286,9 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
-        # global ids in sample order [B, F]; unique's inverse then indexes the [B, F] output
-        gids = (kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)).t().reshape(-1)
-        # dedup by one stable sort: the unique ids ascending (as torch.unique gives them), and
-        # for backward each one's positions in value order (order[starts[u]:starts[u+1]])
-        ids, order = gids.sort(stable=True)
-        first = torch.ones_like(ids, dtype=torch.bool)
-        torch.ne(ids[1:], ids[:-1], out=first[1:])
-        starts = first.nonzero().squeeze(1)
-        uniq = ids.index_select(0, starts)
+        field_major = kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)  # [F, B] global ids
+        gids = field_major.t().reshape(-1)  # sample order [B, F]: the order of the output rows
+        uniq, order, starts = dedup_field_major(field_major)
         if self.serve_log is not None:
             self.serve_log.append(([uniq.numel()], uniq))
         return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)

@@ -29,6 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from train.shard.collection import ShardedEmbeddingCollection
 
 
+def add_rows(rows: torch.Tensor, idx: torch.Tensor, upd: torch.Tensor) -> None:
+    """``rows[idx] += upd`` for unique ``idx`` (take_grads dedups): gather, add, one scatter.
+    The same float adds as ``index_add_``, whose CPU kernel (a serial scatter_add_) is ~2.5x
+    slower at 15k of 0.7M rows."""
+    rows.index_copy_(0, idx, rows.index_select(0, idx).add_(upd))
+
+
 class RowWiseOptimizer:
     """Base: collects the rows' pending gradients, sums duplicates, calls ``_update``."""
 
@@ -99,7 +106,7 @@ class RowWiseAdagrad(RowWiseOptimizer):
         si = s.index_select(0, idx).add_(grad.square().mean(1))  # [n]
         s.index_copy_(0, idx, si)
         upd = grad / si.sqrt_().add_(self.eps).mul_(-1.0 / self.lr).unsqueeze(1)  # -lr * g / (sqrt(s) + eps)
-        self.emb.rows.index_add_(0, idx, upd)  # no alpha=: the alpha path is ~10x slower on CPU
+        add_rows(self.emb.rows, idx, upd)
 
 
 class LazyAdam(RowWiseOptimizer):
@@ -168,7 +175,7 @@ class LazyAdam(RowWiseOptimizer):
             upd.mul_(-self.lr * math.sqrt(1.0 - self.b2**k) / (1.0 - self.b1**k))
         else:
             upd.mul_(self._row_scale(ti).unsqueeze(1))
-        self.emb.rows.index_add_(0, idx, upd)  # no alpha=: the alpha path is ~10x slower on CPU
+        add_rows(self.emb.rows, idx, upd)
 
 
 def make_row_optimizer(emb: "ShardedEmbeddingCollection", cfg: dict | None = None) -> RowWiseOptimizer:

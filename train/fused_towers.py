@@ -1,0 +1,159 @@
+"""Shared-input towers run as one: ESMM's CTR and CVR towers read the same embedding.
+
+``fuse_shared_towers(model.dense)`` (called once by ``train.device.prepare_towers``) makes
+a training-mode forward run both towers' first layers as one matmul, ``[B, in] @ [in,
+sum(hidden)]``, and one ``[B, sum(hidden)] @ [sum(hidden), in]`` for the input's gradient
+(larger, faster GEMMs than one per tower). Parameters, state-dict keys and eval-mode
+forward are the module's own.
+
+When every activation is a ReLU and no autocast is active (fp32 training, the default on
+CPUs without bf16 matmuls), forward and backward are one autograd function,
+``SharedReluTowers``: its backward is written out layer by layer, so the per-tower
+gradients of the fused layer land in one [B, sum(hidden)] buffer (no split-backward
+``cat``, no copies), and each ReLU's backward reads the saved activation. The gradients
+equal the module path's up to float rounding (tests/test_train_fast_paths.py); the dense
+fwd+bwd at batch 2048 went from ~13.1 to ~11 ms here. Under bf16 autocast the fused forward runs through autograd as before.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+ACTS = (nn.ReLU, nn.GELU, nn.SiLU)
+_relu_grad = torch.ops.aten.threshold_backward  # grad * (out > 0): ReLU's own backward kernel
+
+
+def _fusable(towers) -> bool:
+    """Towers that are MLPs (Linear, activation, ..., Linear) with the same input size and a
+    parameter-free activation after their first layer (no dropout anywhere)."""
+    nets = [getattr(t, "net", None) for t in towers]
+    if len(nets) < 2 or not all(isinstance(n, nn.Sequential) and len(n) >= 3 for n in nets):
+        return False
+    first = [n[0] for n in nets]
+    return (all(isinstance(f, nn.Linear) and f.bias is not None for f in first)
+            and len({f.in_features for f in first}) == 1
+            and all(type(n[1]) in ACTS and type(n[1]) is type(nets[0][1]) for n in nets)
+            and not any(isinstance(m, nn.Dropout) for n in nets for m in n))
+
+
+def _relu_mlp_linears(net: nn.Sequential) -> list[nn.Linear] | None:
+    """The Linears of ``Linear, ReLU, Linear, ReLU, ..., Linear`` (biases on), else None."""
+    mods = list(net)
+    if len(mods) % 2 == 0 or not all(type(m) is nn.ReLU for m in mods[1::2]):
+        return None
+    lins = mods[0::2]
+    if not all(isinstance(m, nn.Linear) and m.bias is not None for m in lins):
+        return None
+    return lins
+
+
+def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)``; a ReLU in place on the fresh matmul output (one [B, hidden] tensor less)."""
+    return torch.relu_(h) if type(module) is nn.ReLU else module(h)
+
+
+class SharedReluTowers(torch.autograd.Function):
+    """T towers of ``depth`` Linears with ReLUs between, on one input; first layers fused.
+
+    ``apply(x, depth, *params)``, params tower by tower, layer by layer, weight then bias.
+    Returns one [B, out] tensor per tower (the caller squeezes). Backward, per tower from
+    the last layer down: dW = g^T h_in, db = sum(g), g_in = relu'(h_in) * (g W); the
+    fused layer's g_in of every tower is written into its columns of one buffer."""
+
+    @staticmethod
+    def forward(ctx, x, depth: int, *params):
+        T = len(params) // (2 * depth)
+        W = [[params[2 * (t * depth + l)] for l in range(depth)] for t in range(T)]
+        b = [[params[2 * (t * depth + l) + 1] for l in range(depth)] for t in range(T)]
+        w1 = torch.cat([W[t][0] for t in range(T)])  # [sum(hidden), in]
+        h1 = torch.addmm(torch.cat([b[t][0] for t in range(T)]), x, w1.t()).relu_()
+        cols, o = [], 0
+        for t in range(T):
+            cols.append((o, o + W[t][0].shape[0]))
+            o += W[t][0].shape[0]
+        hs, outs = [], []  # hs[t]: tower t's inputs of layers 1..depth-1
+        for t in range(T):
+            h = h1[:, cols[t][0]:cols[t][1]]
+            ins = [h]
+            for l in range(1, depth - 1):
+                h = torch.addmm(b[t][l], h, W[t][l].t()).relu_()
+                ins.append(h)
+            hs.append(ins)
+            outs.append(torch.addmm(b[t][-1], h, W[t][-1].t()))
+        ctx.depth, ctx.T, ctx.cols = depth, T, cols
+        ctx.save_for_backward(x, w1, h1, *[h for ins in hs for h in ins[1:]], *params)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        depth, T, cols = ctx.depth, ctx.T, ctx.cols
+        saved = ctx.saved_tensors
+        x, w1, h1 = saved[:3]
+        n_mid = T * (depth - 2)
+        mids, params = saved[3:3 + n_mid], saved[3 + n_mid:]
+        W = [[params[2 * (t * depth + l)] for l in range(depth)] for t in range(T)]
+        g1 = torch.empty_like(h1)  # every tower's gradient at the fused layer's output
+        out: list[torch.Tensor | None] = [None] * len(params)
+        for t in range(T):
+            ins = [h1[:, cols[t][0]:cols[t][1]], *mids[t * (depth - 2):(t + 1) * (depth - 2)]]
+            g = grads[t] if grads[t] is not None else torch.zeros(x.shape[0], W[t][-1].shape[0], dtype=x.dtype,
+                                                                  device=x.device)
+            for l in range(depth - 1, 0, -1):
+                h_in, w = ins[l - 1], W[t][l]
+                out[2 * (t * depth + l)] = g.t().mm(h_in)
+                out[2 * (t * depth + l) + 1] = g.sum(0)
+                if l == 1:  # into this tower's columns of the fused layer's gradient
+                    torch.mm(g, w, out=g1[:, cols[t][0]:cols[t][1]])
+                else:
+                    g = _relu_grad(g.mm(w), h_in, 0)
+        g1 = _relu_grad(g1, h1, 0)
+        # x^T g1, then transposed: the same sums as g1^T x, ~20% faster in MKL at [2048, 414]
+        dw1, db1 = x.t().mm(g1).t().contiguous(), g1.sum(0)
+        for t in range(T):
+            out[2 * t * depth], out[2 * t * depth + 1] = dw1[cols[t][0]:cols[t][1]], db1[cols[t][0]:cols[t][1]]
+        gx = g1.mm(w1) if ctx.needs_input_grad[0] else None
+        return (gx, None, *out)
+
+
+def fuse_shared_towers(dense: nn.Module) -> bool:
+    """When every tower reads the same input, run the towers as described above. Only in
+    training mode and without hooks on the towers; anything else takes the module's own
+    forward. Returns whether the towers qualified."""
+    towers = getattr(dense, "towers", None)
+    if towers is None or not _fusable(list(towers)):
+        return False
+    inner = dense.forward
+    firsts = [t.net[0] for t in towers]
+    sizes = [f.out_features for f in firsts]
+    linears = [_relu_mlp_linears(t.net) for t in towers]
+    if all(linears) and len({len(ls) for ls in linears}) == 1:
+        depth = len(linears[0])
+        params = [p for ls in linears for lin in ls for p in (lin.weight, lin.bias)]
+    else:
+        depth, params = 0, []
+
+    def hooked() -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in dense.modules())
+
+    @functools.wraps(inner)
+    def forward(*xs):
+        if not dense.training or len(xs) != len(firsts) or any(x is not xs[0] for x in xs) or hooked():
+            return inner(*xs)
+        x = xs[0]
+        if depth and not torch.is_autocast_enabled(x.device.type):
+            return tuple(o.squeeze(-1) for o in SharedReluTowers.apply(x, depth, *params))
+        w = torch.cat([f.weight for f in firsts])  # [sum(hidden), in]
+        b = torch.cat([f.bias for f in firsts])
+        hs = _act(towers[0].net[1], torch.addmm(b, x, w.t())).split(sizes, dim=1)
+        outs = []
+        for t, h in zip(towers, hs):
+            for layer in t.net[2:]:
+                h = _act(layer, h) if not isinstance(layer, nn.Linear) else layer(h)
+            outs.append(h.squeeze(-1))
+        return tuple(outs)
+
+    dense.forward = forward
+    return True
