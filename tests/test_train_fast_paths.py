@@ -99,6 +99,32 @@ def test_fused_towers_equal_separate_towers(hidden, activation, fn):
     assert fused.dense.state_dict().keys() == m.dense.state_dict().keys()
 
 
+def test_fused_towers_under_ddp_get_the_separate_towers_gradients():
+    """DDP (what the Ray workers wrap the towers in) sees SharedReluTowers' gradients: its
+    reducer hooks fire on every parameter and the averaged grads are the modules' (world 1)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from conftest import free_port
+
+    m = _esmm()
+    ref, fused = copy.deepcopy(m.dense), copy.deepcopy(m.dense)
+    assert dev.fuse_shared_towers(fused)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ddp = DDP(fused)
+        x = torch.randn(64, 30)
+        a = ddp(x, x)
+        assert type(a[0].grad_fn.next_functions[0][0]).__name__ == "SharedReluTowersBackward"
+        (a[0].sum() + 2 * a[1].sum()).backward()
+        b = ref(x, x)
+        (b[0].sum() + 2 * b[1].sum()).backward()
+        for (k, p), q in zip(ref.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fused_towers_leave_eval_hooks_and_unshared_inputs_to_the_modules():
     m = _esmm()
     dev.fuse_shared_towers(m.dense)
