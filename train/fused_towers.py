@@ -55,6 +55,12 @@ def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.relu_(h) if type(module) is nn.ReLU else module(h)
 
 
+def _weights(params, depth: int, which: int) -> list[list[torch.Tensor]]:
+    """Tower t's layer l weight (``which`` 0) or bias (1) as ``[t][l]``, from the flat
+    ``apply`` order: tower by tower, layer by layer, weight then bias."""
+    return [list(params[2 * depth * t + which:2 * depth * (t + 1):2]) for t in range(len(params) // (2 * depth))]
+
+
 class SharedReluTowers(torch.autograd.Function):
     """T towers of ``depth`` Linears with ReLUs between, on one input; first layers fused.
 
@@ -66,8 +72,7 @@ class SharedReluTowers(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, depth: int, *params):
         T = len(params) // (2 * depth)
-        W = [[params[2 * (t * depth + l)] for l in range(depth)] for t in range(T)]
-        b = [[params[2 * (t * depth + l) + 1] for l in range(depth)] for t in range(T)]
+        W, b = _weights(params, depth, 0), _weights(params, depth, 1)
         w1 = torch.cat([W[t][0] for t in range(T)])  # [sum(hidden), in]
         h1 = torch.addmm(torch.cat([b[t][0] for t in range(T)]), x, w1.t()).relu_()
         cols, o = [], 0
@@ -95,7 +100,7 @@ class SharedReluTowers(torch.autograd.Function):
         x, w1, h1 = saved[:3]
         n_mid = T * (depth - 2)
         mids, params = saved[3:3 + n_mid], saved[3 + n_mid:]
-        W = [[params[2 * (t * depth + l)] for l in range(depth)] for t in range(T)]
+        W = _weights(params, depth, 0)
         g1 = torch.empty_like(h1)  # every tower's gradient at the fused layer's output
         out: list[torch.Tensor | None] = [None] * len(params)
         for t in range(T):
