@@ -110,9 +110,17 @@ def broadcast_rows(spark, row_bytes: int) -> int:
     return max(0, size // row_bytes)
 
 
+def on_driver(df: DataFrame) -> DataFrame:
+    """``df`` computed now, once, and kept in the plan as local rows (a small frame: kept
+    duplicates, flagged clicks). A broadcast is recomputed by every job that uses it, and
+    these are used by several (vocabulary, shards, rejects), each a scan of the impressions."""
+    return df.sparkSession.createDataFrame(df.toArrow(), schema=df.schema)
+
+
 def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
     """:func:`dedup` by broadcasting the kept row of each duplicated id, or None when there
-    are more duplicated ids than fit a broadcast (one job either way, on the id column)."""
+    are more duplicated ids than fit a broadcast (two small jobs: the duplicated ids, then
+    their kept rows, computed once for every later job)."""
     spark = df.sparkSession
     limit = broadcast_rows(spark, 256)  # a kept row: id, ts, source path, position
     if limit <= 0:
@@ -127,8 +135,8 @@ def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
         return df.withColumn("_reason", flag_malformed)
     dup = spark.createDataFrame([(r["_d_id"],) for r in ids], f"_d_id {df.schema[id_col].dataType.simpleString()}")
     order = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))  # the window's order: the smallest is kept
-    keep = (ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
-            .groupBy(F.col(id_col).alias("_d_id")).agg(F.min(order).alias("_d_keep")))
+    keep = on_driver(ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
+                     .groupBy(F.col(id_col).alias("_d_id")).agg(F.min(order).alias("_d_keep")))
     out = df.join(F.broadcast(keep), df[id_col] == F.col("_d_id"), "left")
     return out.withColumn("_reason", flag_malformed.when(F.col("_d_id").isNotNull() & (order != F.col("_d_keep")),
                                                          F.lit("duplicate"))).drop("_d_id", "_d_keep")
@@ -149,7 +157,7 @@ def _ids(df: DataFrame | None, col: str, alias: str, early: str | None = None) -
 
 def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
          outside_impressions: DataFrame | None = None, outside_clicks: DataFrame | None = None,
-         horizon: Horizon | None = None, unique_rows: dict | None = None) -> Flagged:
+         horizon: Horizon | None = None, unique_rows: dict | None = None, few_clicks: bool = False) -> Flagged:
     """Give each row of the three tables its ``_reason`` (see module doc).
 
     Every row goes through left joins only (no split and union), so each table is
@@ -169,11 +177,19 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
             impression is before the range.
         unique_rows: per table name, whether ``(_src, _ord)`` tells its rows apart
             (Parquet input; see :func:`dedup`).
+        few_clicks: the clicks and conversions read fit a broadcast (the caller counted
+            them): the valid impressions the clicks refer to are picked by a broadcast of
+            the clicks' ids and broadcast back, instead of shuffling every impression to
+            join the clicks; and the flagged clicks and conversions are computed here, once
+            (:func:`on_driver`: two jobs), for every later job that reads them.
     """
     ur = unique_rows or {}
     imps_f = dedup(imps, "impression_id", ur.get("impressions", False))
     valid_imps = imps_f.where(F.col("_reason").isNull()).select(
         F.col("impression_id").alias("_p_id"), F.col("_ts").alias("_p_ts"))
+    if few_clicks:
+        wanted = F.broadcast(clicks.select(F.col("impression_id").alias("_w_id")))
+        valid_imps = F.broadcast(valid_imps.join(wanted, F.col("_p_id") == F.col("_w_id"), "left_semi"))
 
     ck = dedup(clicks, "click_id", ur.get("clicks", False))
     ck = ck.join(valid_imps, ck["impression_id"] == F.col("_p_id"), "left")
@@ -192,6 +208,8 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
     ck = ck.withColumn("_reason", F.coalesce(F.col("_reason"), rule)).withColumn("_early", early)
     clicks_f = ck.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_p_id"))) \
         .drop("_p_id", "_p_ts", "_oi", "_oi_x", "_oi_e")
+    if few_clicks:
+        clicks_f = on_driver(clicks_f)
 
     valid_clicks = clicks_f.where(F.col("_reason").isNull()).select(
         F.col("click_id").alias("_c_id"), F.col("_ts").alias("_c_ts"), F.col("_imp").alias("_c_imp"))
@@ -222,6 +240,8 @@ def flag(imps: DataFrame, clicks: DataFrame, convs: DataFrame, window_s: float,
     cv = cv.withColumn("_reason", F.coalesce(F.col("_reason"), rule))
     convs_f = cv.withColumn("_imp", F.when(F.col("_reason").isNull(), F.col("_c_imp"))) \
         .drop("_c_id", "_c_ts", "_c_imp", "_oc", "_oc_x", "_oc_l", "_oc_e")
+    if few_clicks:
+        convs_f = on_driver(convs_f)
     return Flagged(imps_f, clicks_f.drop("_early"), convs_f)
 
 

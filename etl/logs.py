@@ -200,8 +200,7 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
         raise InputError(f"{posixpath.join(logs, table)}: required column {missing[0]!r} missing "
                          f"(columns: {', '.join(names)})")
     if columns is not None:  # an id lookup: no parsing, no flags; + its partition day
-        dt = F.regexp_extract(src, r"/dt=(\d{4}-\d{2}-\d{2})/", 1)
-        return Table(table, raw.select(*[F.col(c).cast("string") for c in columns], dt.alias("_dt")),
+        return Table(table, raw.select(*[F.col(c).cast("string") for c in columns], day_of(src).alias("_dt")),
                      list(columns), fmt, list(days), files)
     ts_type = raw.schema["ts"].dataType if "ts" in raw.columns else T.StringType()
     bad = F.lit(None).cast("string")
@@ -215,7 +214,7 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
     ri = F.col("_metadata.row_index") if (paths and fmt == "parquet") else F.lit(0)
     df = raw.select(*sel, *([F.col(CORRUPT)] if has_corrupt else []), src.alias("_src"),
                     *([] if has_corrupt else [ri.alias("_ri")]))
-    df = df.withColumn("_dt", F.regexp_extract("_src", r"/dt=(\d{4}-\d{2}-\d{2})/", 1))
+    df = df.withColumn("_dt", day_of(F.col("_src")))
     df = df.withColumn("_ts", parse_ts(F.col("ts"), ts_type))
     if has_corrupt:
         bad = F.when(F.col(CORRUPT).isNotNull(), F.lit("unparseable JSON line")).otherwise(bad)
@@ -227,9 +226,14 @@ def read_table(spark, logs: str, table: str, days: list[str], folders: dict[str,
               .withColumn("_ord", F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(c) for c in names]))))
               .drop(CORRUPT))
     else:
-        df = (df.withColumn("_line", F.lit(None).cast("string"))
-              .withColumn("_ord", F.lpad(F.col("_ri").cast("string"), 20, "0")).drop("_ri"))
+        df = df.withColumn("_line", F.lit(None).cast("string")).withColumnRenamed("_ri", "_ord")
     return Table(table, df, names, fmt, list(days), files)
+
+
+def day_of(path):
+    """Spark expression: the day of the last ``/dt=YYYY-MM-DD/`` folder in a file path
+    (string search, not a regex: it runs once per row)."""
+    return F.substring_index(F.substring_index(path, "/dt=", -1), "/", 1)
 
 
 def row_json(table: Table):

@@ -224,18 +224,19 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
 
     # transform: flag every row (lazy: nothing is persisted); raw rows counted from the files
     horizon = Horizon(start, int(click_horizon_days), window_whole_days(window_days)) if start else None
+    read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
+    few_clicks = max(read["clicks"], read["conversions"]) <= broadcast_rows(spark, 64)  # from the footers
     fl = flag(imps.df, ex.tables["clicks"].df, ex.tables["conversions"].df, window_days * 86400.0,
               ex.outside_impressions, ex.outside_clicks, horizon,
-              unique_rows={t: ex.tables[t].format == "parquet" for t in TABLES})
-    read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
+              unique_rows={t: ex.tables[t].format == "parquet" for t in TABLES}, few_clicks=few_clicks)
 
     # one job: vocabulary counts of the train days + distinct users/items per split
     valid = fl.impressions.where(F.col("_reason").isNull())
     vocab, values, uniques = count_vocab(valid, fields, train_days, parent)
     mfields = manifest_fields(fields, values, parent)
 
-    # clicked ids as small as the clicks read (footer counts): label the impressions where they are read
-    labelled = labels_from(fl, broadcast=read["clicks"] <= broadcast_rows(spark, 64))
+    # few clicks: label the impressions where they are read
+    labelled = labels_from(fl, broadcast=few_clicks)
     samples = labelled.select(
         F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
         "click", "conversion", *[F.col(f["name"]) for f in fields])

@@ -29,6 +29,8 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from etl.list_encode import list_udf
+
 VOCAB_SCHEMA = "field string, value string, id bigint, count bigint"
 
 
@@ -38,6 +40,27 @@ def count_values(df: DataFrame, field_col: str = "field", value_col: str = "valu
             .groupBy(F.col(field_col).cast("string").alias("field"),
                      F.col(value_col).cast("string").alias("value"))
             .agg(F.count(F.lit(1)).alias("count")))
+
+
+def number_values(counts, min_count: Mapping[str, int]):
+    """:func:`assign_ids` on an Arrow table ``(field, value, count)`` (one row per value),
+    on the driver: ids ``1..n`` per field by count descending then value ascending (both
+    byte order), values below the field's ``min_count`` dropped."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    thr = pc.fill_null(pc.index_in(counts.column("field"), value_set=pa.array(list(min_count), pa.string())), -1)
+    limits = np.append(np.array(list(min_count.values()), dtype=np.int64), 1)  # -1 (not listed): 1
+    keep = counts.column("count").to_numpy() >= limits[thr.to_numpy()]
+    t = counts.filter(pa.array(keep))
+    t = t.take(pc.sort_indices(t, sort_keys=[("field", "ascending"), ("count", "descending"), ("value", "ascending")]))
+    f = t.column("field").to_numpy(zero_copy_only=False)
+    first = np.r_[True, f[1:] != f[:-1]] if len(f) else np.zeros(0, dtype=bool)
+    pos = np.arange(len(f), dtype=np.int64)
+    ids = pos - np.maximum.accumulate(np.where(first, pos, 0)) + 1
+    return pa.table({"field": t.column("field"), "value": t.column("value"), "id": pa.array(ids, pa.int64()),
+                     "count": t.column("count")})
 
 
 def assign_ids(counts: DataFrame, min_count: int | Mapping[str, int] = 1, default_min_count: int = 1) -> DataFrame:
@@ -87,17 +110,47 @@ def save_vocab(vocab: DataFrame, path: str) -> None:
 
 # --- wide frames: one column per field ------------------------------------------------
 
-def _value_structs(df: DataFrame, name: str, kind: str):
-    """array<struct<field,value>> of a column's raw values (as strings)."""
+def _values_list(df: DataFrame, name: str):
+    """A list field's raw values as ``array<string>`` (a map's keys; a null list is empty)."""
     c = F.col(name)
-    dtype = df.schema[name].dataType
-    if kind == "single":
-        return F.when(c.isNull(), F.array()).otherwise(
-            F.array(F.struct(F.lit(name).alias("field"), c.cast("string").alias("value"))))
-    if kind == "weighted" and isinstance(dtype, T.MapType):
+    if isinstance(df.schema[name].dataType, T.MapType):  # a map's values are its keys (weighted or not)
         c = F.map_keys(c)
-    return F.transform(F.coalesce(c, F.array()),
-                       lambda x: F.struct(F.lit(name).alias("field"), x.cast("string").alias("value")))
+    return F.coalesce(c.cast("array<string>"), F.array().cast("array<string>"))
+
+
+def keyed_values(df: DataFrame, singles: list, lists: list) -> DataFrame:
+    """``(k int, v string)``: one row per non-null value of the given columns, ``k`` the
+    value's column (``singles`` first: string columns; then ``lists``: array<string>).
+
+    One ``posexplode`` of the concatenated values, ``k`` from the position and the lists'
+    sizes: Spark runs higher-order functions (``transform``) and per-value structs
+    interpreted, which made counting ~4x slower than the scan it follows.
+    """
+    ns = len(singles)
+    arr = F.concat(F.array(*singles) if singles else F.array().cast("array<string>"), *lists)
+    x = df.select(arr.alias("_a"), *[F.size(c).alias(f"_n{j}") for j, c in enumerate(lists)])
+    x = x.select(F.posexplode("_a").alias("_p", "v"), *[f"_n{j}" for j in range(len(lists))])
+    k, edge = F.when(F.col("_p") < ns, F.col("_p")), F.lit(ns)
+    for j in range(len(lists)):
+        edge = edge + F.col(f"_n{j}")
+        k = k.when(F.col("_p") < edge, F.lit(ns + j))
+    return x.select(k.cast("int").alias("k"), "v").where(F.col("v").isNotNull())
+
+
+def _vocab_columns(df: DataFrame, vf: list[dict], when=None) -> tuple[list[str], list, list]:
+    """(field names in key order, single columns, list columns) of the vocab fields,
+    each value null (so not counted) where ``when`` is false."""
+    singles = [f for f in vf if f["kind"] == "single"]
+    lists = [f for f in vf if f["kind"] != "single"]
+    gate = (lambda c: c) if when is None else (lambda c: F.when(when, c))
+    empty = F.array().cast("array<string>")
+    return ([f["name"] for f in singles + lists], [gate(F.col(f["name"]).cast("string")) for f in singles],
+            [_values_list(df, f["name"]) if when is None else F.when(when, _values_list(df, f["name"])).otherwise(empty)
+             for f in lists])
+
+
+def _name_of(names: list[str]):
+    return F.element_at(F.array(*[F.lit(n) for n in names]), F.col("k") + 1)
 
 
 def extend_vocab(prev: DataFrame, counts: DataFrame, min_count: int | Mapping[str, int] = 1,
@@ -187,8 +240,8 @@ def field_values(train: DataFrame, fields: list[dict]) -> DataFrame:
     vf = [f for f in fields if not f.get("hash_buckets")]
     if not vf:
         return train.sparkSession.createDataFrame([], "field string, value string")
-    arr = F.concat(*[_value_structs(train, f["name"], f["kind"]) for f in vf])
-    return train.select(F.explode(arr).alias("fv")).select("fv.field", "fv.value")
+    names, singles, lists = _vocab_columns(train, vf)
+    return keyed_values(train, singles, lists).select(_name_of(names).alias("field"), F.col("v").alias("value"))
 
 
 def build_vocab(train: DataFrame, fields: list[dict], prev: DataFrame | None = None,
@@ -206,45 +259,17 @@ def build_vocab(train: DataFrame, fields: list[dict], prev: DataFrame | None = N
     spark = train.sparkSession
     if not vf:
         return spark.createDataFrame([], VOCAB_SCHEMA)
-    counts = count_values(field_values(train, fields))
+    return _numbered(count_values(field_values(train, fields)), vf, prev, base)
+
+
+def _numbered(counts: DataFrame, vf: list[dict], prev: DataFrame | None, base: Mapping[str, int] | None) -> DataFrame:
+    """Ids for ``(field, value, count)``: fresh (:func:`assign_ids`) or grown from ``prev``."""
     thresholds = {f["name"]: int(f.get("min_count") or 1) for f in vf}
     if prev is None:
         return assign_ids(counts, thresholds)
     names = [f["name"] for f in vf]
     return extend_vocab(prev.where(F.col("field").isin(names)), counts, thresholds,
                         base={k: v for k, v in (base or {}).items() if k in names})
-
-
-_LOOKUP_CACHE: dict = {}
-
-
-def _lookup_tables(bc, key: str):
-    """Per Python worker, build the pandas hash index of each field once per broadcast."""
-    import pandas as pd
-
-    if key not in _LOOKUP_CACHE:
-        _LOOKUP_CACHE.clear()
-        tabs = {}
-        for f, vals in bc.value.items():
-            if any(v is None for v in vals):  # ids a parent left unused: index the values only
-                pos = [i for i, v in enumerate(vals) if v is not None]
-                tabs[f] = _Lookup(pd.Index([vals[i] for i in pos], dtype=object), pos)
-            else:
-                tabs[f] = pd.Index(vals, dtype=object)
-        _LOOKUP_CACHE[key] = tabs
-    return _LOOKUP_CACHE[key]
-
-
-class _Lookup:
-    """``get_indexer`` of a value list with holes: position in the full list, -1 if absent."""
-
-    def __init__(self, index, positions):
-        import numpy as np
-
-        self.index, self.pos = index, np.append(np.asarray(positions, dtype=np.int64), -1)
-
-    def get_indexer(self, values):
-        return self.pos[self.index.get_indexer(values)]
 
 
 def count_vocab(valid: DataFrame, fields: list[dict], train_days: list[str], parent=None,
@@ -263,22 +288,49 @@ def count_vocab(valid: DataFrame, fields: list[dict], train_days: list[str], par
     import pyarrow as pa
 
     spark = valid.sparkSession
-    split = F.when(F.col("_dt").isin(list(train_days)), F.lit("train")).otherwise(F.lit("test"))
-    vocab = build_vocab(valid.where(F.col("_dt").isin(list(train_days))), fields,
-                        prev=parent.vocab if parent else None, base=parent.top if parent else None)
-    uni = valid.groupBy(split.alias("_s")).agg(F.countDistinct(F.col(user_col).cast("string")).alias("u"),
-                                              F.countDistinct(F.col(item_col).cast("string")).alias("i"))
-    both = (vocab.select(F.lit("v").alias("k"), "field", "value", "id", "count")
-            .unionByName(uni.select(F.lit("u").alias("k"), F.col("_s").alias("field"),
-                                    F.lit(None).cast("string").alias("value"), F.col("u").cast("bigint").alias("id"),
-                                    F.col("i").cast("bigint").alias("count"))))
-    tab = both.toArrow()
-    k = tab.column("k").to_pylist()
-    keep_v = pa.array([x == "v" for x in k])
-    vt = tab.filter(keep_v).drop(["k"]).cast(pa.schema([("field", pa.string()), ("value", pa.string()),
-                                                         ("id", pa.int64()), ("count", pa.int64())]))
-    ut = tab.filter(pa.array([x == "u" for x in k])).to_pylist()
-    uniques = {r["field"]: (r["id"], r["count"]) for r in ut}
+    is_train = F.col("_dt").isin(list(train_days))
+    vf = [f for f in fields if not f.get("hash_buckets")]
+    names, singles, lists = _vocab_columns(valid, vf, when=is_train)
+    ns = len(singles)
+    # one counting pass: the vocab fields on train rows, and the user and item columns
+    # per split (train's from their field's counts where it is a vocabulary field)
+    extras = [((split, what), F.when(gate, F.col(col).cast("string")))
+              for split, gate in (("train", is_train), ("test", ~is_train))
+              for what, col in (("users", user_col), ("items", item_col))
+              if not (split == "train" and col in names[:ns])]
+    keys = names[:ns] + [e[0] for e in extras] + names[ns:]  # k -> field name or (split, what)
+    only_distinct = [i for i, x in enumerate(keys) if isinstance(x, tuple)]
+    # per (k, value) its count; then the keys counted for their distinct values only are
+    # rolled up to one row each (n = distinct values), in the same job
+    counts = (keyed_values(valid, singles + [e[1] for e in extras], lists)
+              .groupBy("k", "v").agg(F.count(F.lit(1)).alias("c")))
+    tab = (counts.groupBy("k", F.when(~F.col("k").isin(only_distinct), F.col("v")).alias("v"))
+           .agg(F.sum("c").alias("count"), F.count(F.lit(1)).alias("n")).toArrow())
+    import numpy as np
+
+    k = tab.column("k").to_numpy(zero_copy_only=False)
+    rolled = np.isin(k, only_distinct)
+    n_of = dict(zip(k[rolled].tolist(), tab.column("n").to_numpy(zero_copy_only=False)[rolled].tolist()))
+    for i, x in enumerate(keys):
+        if isinstance(x, str):
+            n_of[i] = int((k == i).sum())  # a field's distinct train values: its rows
+    uk = {x: i for i, x in enumerate(keys) if isinstance(x, tuple)}
+    for what, col in (("users", user_col), ("items", item_col)):
+        uk.setdefault(("train", what), keys.index(col) if col in keys else -1)
+    uniques = {split: (n_of.get(uk[(split, "users")]), n_of.get(uk[(split, "items")])) for split in ("train", "test")
+               if n_of.get(uk[(split, "users")]) or n_of.get(uk[(split, "items")])}
+    is_field = pa.array(np.array([isinstance(x, str) for x in keys] + [False], dtype=bool)[k])
+    names_by_k = pa.array([x if isinstance(x, str) else None for x in keys], pa.string())
+    fc = tab.filter(is_field)
+    fc = pa.table({"field": names_by_k.take(fc.column("k")), "value": fc.column("v"),
+                   "count": fc.column("count").cast(pa.int64())})
+    thresholds = {f["name"]: int(f.get("min_count") or 1) for f in vf}
+    if parent is None:
+        vt = number_values(fc, thresholds)
+    else:  # ids carried over from the parent: Spark joins, on the counted values only
+        vt = _numbered(spark.createDataFrame(fc, schema="field string, value string, count bigint"), vf,
+                       parent.vocab, parent.top).toArrow()
+    vt = vt.cast(pa.schema([("field", pa.string()), ("value", pa.string()), ("id", pa.int64()), ("count", pa.int64())]))
     values = _values_of(vt, fields)
     return spark.createDataFrame(vt, schema=VOCAB_SCHEMA), values, uniques
 
@@ -360,16 +412,10 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
     for f in fields:
         name, kind = f["name"], f["kind"]
         c, dtype = F.col(name), df.schema[name].dataType
-        hashed = bool(f.get("hash_buckets"))
-        if kind == "weighted" and isinstance(dtype, T.MapType):
-            entries = F.array_sort(F.map_entries(c))  # sorted by key: deterministic order
-            vals = F.transform(entries, lambda e: e["key"])
-            w = F.transform(entries, lambda e: e["value"].cast("double"))
-        else:  # an array column of a weighted field gets weight 1.0 per value
-            vals, w = c, None
+        is_map = isinstance(dtype, T.MapType)
         if kind == "single":
-            v = vals.cast("string")
-            if hashed:
+            v = c.cast("string")
+            if f.get("hash_buckets"):
                 ids = F.array(hash_ids(v, f["hash_buckets"]))
             else:
                 if vdf is None:
@@ -378,35 +424,32 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
                 table = vdf.where(F.col("field") == name).select(F.col("value").alias(key), F.col("id").alias(idc))
                 out = out.join(F.broadcast(table), v == F.col(key), "left")
                 ids = F.array(F.coalesce(F.col(idc), F.lit(0).cast("bigint")))
-        else:
-            v = F.transform(F.coalesce(vals, F.array()), lambda x: x.cast("string"))
-            if hashed:
-                ids = F.transform(v, lambda x: hash_ids(x, f["hash_buckets"]))
+            sel.append(ids.cast("array<bigint>").alias(name))
+        elif not f.get("hash_buckets"):  # Python, this column only (etl/list_encode.py)
+            arg = c if is_map else c.cast("array<string>")
+            res = list_udf(bc, token, name, kind == "weighted", is_map)(arg)
+            if kind == "weighted":
+                w = F.coalesce(res["w"], F.array().cast("array<float>"))  # never null, as before
+                sel += [res["ids"].alias(name), w.alias(name + "__w")]
             else:
-                ids = _list_lookup(bc, token, name)(v)
-        sel.append(ids.cast("array<bigint>").alias(name))
-        if kind == "weighted":
-            wc = F.coalesce(w, F.array()) if w is not None else F.transform(v, lambda x: F.lit(1.0))
-            sel.append(F.transform(wc, lambda x: F.coalesce(x, F.lit(1.0))).cast("array<float>").alias(name + "__w"))
+                sel.append(res.alias(name))
+        else:
+            sel += _hashed_list(c, is_map, kind == "weighted", f["hash_buckets"], name)
     return out.select(*sel)
 
 
-def _list_lookup(bc, token: str, name: str):
-    """Scalar Arrow UDF: list<string> -> list<bigint> ids of field ``name`` (0 if unseen)."""
-    import pyarrow as pa
-
-    def lookup(col):
-        import numpy as np
-        import pyarrow.compute as pc
-
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
-        offsets = np.zeros(len(col) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat_vals = pc.list_flatten(col)
-        idx = _lookup_tables(bc, token)[name].get_indexer(flat_vals.to_numpy(zero_copy_only=False))
-        flat = pa.array(idx.astype(np.int64) + 1)
-        return pa.ListArray.from_arrays(pa.array(offsets), flat)
-
-    lookup.__annotations__ = {"col": pa.Array, "return": pa.Array}  # scalar Arrow UDF (hints, not strings)
-    return F.arrow_udf(lookup, "array<bigint>")
+def _hashed_list(c, is_map: bool, weighted: bool, buckets: int, name: str) -> list:
+    """A hash-bucket list field, on the JVM: ids (+ weights), a map's entries sorted by key."""
+    w = None
+    if is_map:
+        entries = F.array_sort(F.map_entries(c))  # sorted by key: deterministic order
+        v = F.coalesce(F.transform(entries, lambda e: e["key"].cast("string")), F.array().cast("array<string>"))
+        w = F.coalesce(F.transform(entries, lambda e: F.coalesce(e["value"].cast("double"), F.lit(1.0))),
+                       F.array().cast("array<double>"))
+    else:
+        v = F.coalesce(c.cast("array<string>"), F.array().cast("array<string>"))
+    out = [F.transform(v, lambda x: hash_ids(x, buckets)).cast("array<bigint>").alias(name)]
+    if weighted:
+        w = w if w is not None else F.transform(v, lambda x: F.lit(1.0))
+        out.append(w.cast("array<float>").alias(name + "__w"))
+    return out

@@ -62,9 +62,12 @@ def dedup_path(request, spark):
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", old)
 
 
-def test_flag_gives_every_row_its_reason(spark, tables, dedup_path):
+@pytest.mark.parametrize("few_clicks", [False, True])
+def test_flag_gives_every_row_its_reason(spark, tables, dedup_path, few_clicks):
+    """Every path gives the same reasons: the three dedup paths, and the clicks' parents
+    joined by a shuffle or picked by a broadcast of the clicks' ids (``few_clicks``)."""
     imps, clicks, convs = tables
-    fl = flag(imps, clicks, convs, W, unique_rows=dedup_path)
+    fl = flag(imps, clicks, convs, W, unique_rows=dedup_path, few_clicks=few_clicks)
     assertDataFrameEqual(reasons(fl.impressions, "impression_id"), spark.createDataFrame(
         [("i1", t(1, 10), None), ("i2", t(1, 10), None), ("i2", t(1, 11), "duplicate"),
          ("i3", t(1, 10), "malformed"), ("i4", t(2, 10), None)], "impression_id string, _ts timestamp, _reason string"))
