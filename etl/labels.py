@@ -127,13 +127,15 @@ def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
         return None
     ok = df.where(F.col("_bad").isNull())
     ids = (ok.groupBy(F.col(id_col).alias("_d_id")).count().where(F.col("count") > 1)
-           .select("_d_id").limit(limit + 1).collect())
-    if len(ids) > limit:
+           .select("_d_id").limit(limit + 1))
+    schema = ids.schema
+    ids = ids.toArrow()  # Arrow in, Arrow out: a local relation, no Python worker
+    if ids.num_rows > limit:
         return None
     flag_malformed = F.when(F.col("_bad").isNotNull(), F.lit("malformed"))
-    if not ids:
+    if not ids.num_rows:
         return df.withColumn("_reason", flag_malformed)
-    dup = spark.createDataFrame([(r["_d_id"],) for r in ids], f"_d_id {df.schema[id_col].dataType.simpleString()}")
+    dup = spark.createDataFrame(ids, schema=schema)
     order = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))  # the window's order: the smallest is kept
     keep = on_driver(ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
                      .groupBy(F.col(id_col).alias("_d_id")).agg(F.min(order).alias("_d_keep")))

@@ -42,6 +42,7 @@ import datetime as _dt
 import json
 import os
 import posixpath
+import re
 import uuid
 
 from pyspark.sql import DataFrame
@@ -170,6 +171,21 @@ def _empty_template(spark, like: DataFrame, where: str) -> str:
     return posixpath.join(where, parts[0])
 
 
+def _partition_keys(spark, n: int) -> list[int]:
+    """``n`` ints whose Spark partition under ``repartition(n, key)`` is 0, 1, ..., n - 1:
+    the first candidate that hashes to each partition (Murmur3, as the shuffle computes it)."""
+    got: dict[int, int] = {}
+    size = 64 * n
+    start = 0
+    while len(got) < n:
+        for r in spark.range(start, start + size).select(
+                F.col("id").cast("int").alias("x"), F.pmod(F.hash(F.col("id").cast("int")), F.lit(n)).alias("p")
+        ).toArrow().to_pylist():
+            got.setdefault(r["p"], r["x"])
+        start += size
+    return [got[p] for p in range(n)]
+
+
 def _day_stats(df: DataFrame, days: dict[str, list[str]]):
     """Aggregates for ``DataFrame.observe``: rows, clicks and conversions per (split, day)."""
     aggs = []
@@ -274,18 +290,26 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
             _distinct_expr(allrows, user_field).alias("u"), _distinct_expr(allrows, item_field).alias("i")).collect()}
 
     raw = posixpath.join(staging, "_raw")
-    shard_of = F.pmod(F.xxhash64(F.col("sample_id")), F.lit(shards)).cast("int")
     order = F.xxhash64(F.col("sample_id"), F.lit(seed))
     cols = [c for c in parts[0].columns if not c.startswith("_") and c != "dt"]  # the shard columns
-    n_groups = max(1, sum(len(v) for v in days.values()) * shards)
+    groups = [(split, day, k) for split in names for day in days[split] for k in range(shards)]
+    keys = _partition_keys(spark, len(groups))
+    import pyarrow as pa
+
+    table = spark.createDataFrame(pa.table({  # Arrow: a local relation, no Python worker
+        "_g_split": pa.array([g[0] for g in groups], pa.string()), "_g_dt": pa.array([g[1] for g in groups], pa.string()),
+        "_g_shard": pa.array([g[2] for g in groups], pa.int32()), "_x": pa.array(keys, pa.int32())}),
+        schema="_g_split string, _g_dt string, _g_shard int, _x int")
     obs = Observation("shards")
     observed = allrows.observe(obs, *_day_stats(allrows, days))
-    (observed.select("_split", "dt", shard_of.alias("_shard"), order.alias("_order"), *cols)
-     .repartition(n_groups, "_split", "dt", "_shard")
-     .sortWithinPartitions("_split", "dt", "_shard", "_order", "sample_id")
-     .drop("_order")
-     .write.mode("overwrite").option("parquet.block.size", int(row_group_bytes))
-     .partitionBy("_split", "dt", "_shard").parquet(raw))
+    shard_of = F.pmod(F.xxhash64(F.col("sample_id")), F.lit(shards)).cast("int")
+    x = observed.select("_split", "dt", shard_of.alias("_shard"), order.alias("_order"), *cols)
+    x = x.join(F.broadcast(table), (F.col("_split") == F.col("_g_split")) & (F.col("dt") == F.col("_g_dt"))
+               & (F.col("_shard") == F.col("_g_shard")), "left")
+    # partition p holds exactly group p (its key hashes to p), so each task writes one
+    # shard file, sorted by one long (a prefix sort), without a partitioned writer
+    (x.repartition(max(1, len(groups)), "_x").sortWithinPartitions("_order", "sample_id")
+     .select(*cols).write.mode("overwrite").option("parquet.block.size", int(row_group_bytes)).parquet(raw))
     stats = obs.get
 
     unknown_days = stats["rows"] - sum(stats[f"n|{s}|{d}"] for s in days for d in days[s])
@@ -295,6 +319,12 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
         victim = sorted(p for p in fs.walk_files(spark, raw) if p.endswith(".parquet"))[0]
         fs.delete(spark, posixpath.join(raw, victim))
 
+    part_of = {g: p for p, g in enumerate(groups)}
+    by_part: dict[int, list[str]] = {}
+    for f in fs.walk_files(spark, raw):
+        m = re.match(r"part-(\d+)-", posixpath.basename(f))
+        if f.endswith(".parquet") and m:
+            by_part.setdefault(int(m.group(1)), []).append(posixpath.join(raw, f))
     manifest_splits: dict[str, dict] = {}
     template = None
     moves = []
@@ -303,12 +333,11 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
         files = []
         for day in ds:
             for k in range(shards):
-                src_dir = posixpath.join(raw, f"_split={split}", f"dt={day}", f"_shard={k}")
-                found = [p for p in fs.walk_files(spark, src_dir) if p.endswith(".parquet")]
+                found = by_part.get(part_of[(split, day, k)], [])
                 if len(found) > 1:
-                    raise WriteCheckError(f"{src_dir} holds {len(found)} files, expected one")
+                    raise WriteCheckError(f"{split} {day} shard {k}: {len(found)} files written, expected one")
                 rel = f"{split}/dt={day}/part-{k:05d}.parquet"
-                moves.append((posixpath.join(src_dir, found[0]) if found else None, rel))
+                moves.append((found[0] if found else None, rel))
                 files.append(rel)
         manifest_splits[split] = {"days": ds, "files": files}
     # the footers of what was written must hold exactly the rows observed, per split and day
