@@ -47,6 +47,9 @@ def listdir(spark, path: str) -> list[tuple[str, bool]]:
 def walk_files(spark, path: str) -> list[str]:
     """Every file under ``path`` (recursive), as paths relative to ``path``, sorted."""
     fs, p = _fs(spark, path)
+    if fs.getUri().getScheme() == "file":  # local: os.walk, not three JVM calls per file
+        top = p.toUri().getPath()
+        return sorted(os.path.relpath(os.path.join(d, f), top) for d, _, files in os.walk(top) for f in files)
     if not fs.exists(p):
         return []
     root = fs.getFileStatus(p).getPath().toString().rstrip("/") + "/"
