@@ -178,7 +178,8 @@ def run_child(code: str, raw: Path, out: Path, master: str, shards: int) -> dict
 
     env = dict(os.environ, PYTHONPATH=code)
     r = subprocess.run([sys.executable, __file__, "--code", code, "--child", str(raw), str(out),
-                        "--master", master, "--shards", str(shards)], env=env, capture_output=True, text=True)
+                        "--master", master, "--shards", str(shards)], env=env, capture_output=True, text=True,
+                       cwd=code)  # Python workers import etl/ from their working directory first
     if r.returncode != 0:
         raise RuntimeError(f"child run of {code} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
