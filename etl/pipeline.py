@@ -222,7 +222,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
         parent = ParentVocab.read(spark, vocab_from, fields)
     train_days, test_days = split_days(ex.days, split_date)
 
-    # transform: flag every row (lazy: nothing is persisted); raw rows counted from the files
+    # transform: flag every row (the impressions lazily: nothing is persisted; small frames, the
+    # kept duplicates and few clicks and conversions, computed once); raw rows counted from the files
     horizon = Horizon(start, int(click_horizon_days), window_whole_days(window_days)) if start else None
     read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
     few_clicks = max(read["clicks"], read["conversions"]) <= broadcast_rows(spark, 64)  # from the footers

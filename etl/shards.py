@@ -212,8 +212,9 @@ def write_dataset(spark, out: str, splits: "dict[str, DataFrame] | DataFrame", f
 
     ``splits`` may also be ONE DataFrame with a ``_split`` column (then ``days`` names the
     splits), so a plan shared by the splits runs once. One job writes every split with
-    one ``partitionBy``; given ``days`` (``{split: [day]}``,
-    every day a split may hold), the per-day counts come with that write
+    one shuffle: partition p holds exactly group p (split, day, shard) and is written as
+    one file. Given ``days`` (``{split: [day]}``, every day a split may hold), the per-day
+    counts come with that write
     (``DataFrame.observe``), else from one aggregation before it. ``uniques``
     (``{split: (users, items)}``) skips the distinct-count job. ``reject_counts`` and
     ``extra`` may be callables, called after the writes (so they can read observations

@@ -14,7 +14,7 @@ def get_spark(master: str | None = None, app: str = "esmm-etl", conf: dict | Non
     if (master or "").startswith("local"):  # a cluster's executors must reach the driver's real address
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
-    # Python workers (mapInArrow in etl/vocab.py) need this interpreter's pyarrow/pandas.
+    # Python workers (the list-field Arrow UDF, etl/list_encode.py) need this interpreter's pyarrow.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 

@@ -37,7 +37,7 @@ def parse_args(argv):
 
 
 def _ship_code(spark) -> None:
-    """On a cluster, send the etl package to the executors (mapInArrow imports it there)."""
+    """On a cluster, send the etl package to the executors (the list-field Arrow UDF imports it there)."""
     master = spark.sparkContext.master or ""
     if master.startswith("local"):
         return

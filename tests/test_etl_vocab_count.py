@@ -79,3 +79,20 @@ def test_number_values_equals_assign_ids(spark):
     assert sorted(got, key=lambda r: (r["field"], r["id"])) == \
         sorted((r.asDict() for r in want), key=lambda r: (r["field"], r["id"]))
     assert [r["value"] for r in got if r["field"] == "f"] == ["ä", "a", "b", "e\u0301", "é", "c"]
+
+
+def test_value_index_same_ids_both_ways():
+    """Arrow's per-call hash (small vocabularies) and the pandas index built once (large
+    ones) give the same ids: position + 1, 0 for unknown and null, and a parent's unused
+    id (None in the list) matched by nothing."""
+    from etl.list_encode import ValueIndex
+
+    vocab = ["a", None, "c", "é", "q"]
+    flat = pa.array(["c", "x", None, "a", "é", "c"], pa.string())
+    want = [3, 0, 0, 1, 4, 3]
+    index = ValueIndex(vocab)
+    assert index.ids(flat).tolist() == want  # 5 values <= 4 x 6 looked up: index_in
+    assert index._pandas is None
+    # one value at a time: 5 > 4 x 1, the pandas index
+    assert [int(index.ids(flat.slice(i, 1))[0]) for i in range(len(flat))] == want
+    assert index._pandas is not None
