@@ -60,19 +60,16 @@ def sorted_map(col):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    col = pc.fill_null(col, pa.scalar([], col.type)) if col.null_count else col
-    offsets = np.asarray(col.offsets, dtype=np.int64)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    keys, items = col.keys.slice(lo, hi - lo), col.items.slice(lo, hi - lo)
-    offsets = offsets - lo
+    entries, offsets = _list_parts(col)  # a map is a list of (key, value) structs
+    keys, items = entries.field(0), entries.field(1)
     row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     order = pc.sort_indices(pa.table({"r": row, "k": keys}), sort_keys=[("r", "ascending"), ("k", "ascending")])
     w = pc.fill_null(pc.cast(items.take(order), pa.float64()), 1.0)
-    return keys.take(order), pc.cast(w, pa.float32()), offsets.astype(np.int32)
+    return keys.take(order), pc.cast(w, pa.float32()), offsets
 
 
 def _list_parts(col):
-    """(values, int32 offsets) of a list column; a null list is empty."""
+    """(values, int32 offsets from 0) of a list (or map) column; a null list is empty."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc

@@ -226,7 +226,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     # kept duplicates and few clicks and conversions, computed once); raw rows counted from the files
     horizon = Horizon(start, int(click_horizon_days), window_whole_days(window_days)) if start else None
     read = {t: raw_rows(spark, ex.tables[t]) for t in TABLES}
-    few_clicks = max(read["clicks"], read["conversions"]) <= broadcast_rows(spark, 64)  # from the footers
+    fit = broadcast_rows(spark, 64)  # rows read (footer counts) that fit a broadcast
+    few_clicks = max(read["clicks"], read["conversions"]) <= fit
     fl = flag(imps.df, ex.tables["clicks"].df, ex.tables["conversions"].df, window_days * 86400.0,
               ex.outside_impressions, ex.outside_clicks, horizon,
               unique_rows={t: ex.tables[t].format == "parquet" for t in TABLES}, few_clicks=few_clicks)
@@ -236,8 +237,8 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     vocab, values, uniques = count_vocab(valid, fields, train_days, parent)
     mfields = manifest_fields(fields, values, parent)
 
-    # few clicks: label the impressions where they are read
-    labelled = labels_from(fl, broadcast=few_clicks)
+    # clicked (and so converted) ids as few as the clicks read: label the impressions where they are read
+    labelled = labels_from(fl, broadcast=read["clicks"] <= fit)
     samples = labelled.select(
         F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
         "click", "conversion", *[F.col(f["name"]) for f in fields])

@@ -174,14 +174,18 @@ def _empty_template(spark, like: DataFrame, where: str) -> str:
 def _partition_keys(spark, n: int) -> list[int]:
     """``n`` ints whose Spark partition under ``repartition(n, key)`` is 0, 1, ..., n - 1:
     the first candidate that hashes to each partition (Murmur3, as the shuffle computes it)."""
+    import numpy as np
+
     got: dict[int, int] = {}
     size = 64 * n
     start = 0
     while len(got) < n:
-        for r in spark.range(start, start + size).select(
-                F.col("id").cast("int").alias("x"), F.pmod(F.hash(F.col("id").cast("int")), F.lit(n)).alias("p")
-        ).toArrow().to_pylist():
-            got.setdefault(r["p"], r["x"])
+        t = spark.range(start, start + size).select(
+            F.col("id").cast("int").alias("x"), F.pmod(F.hash(F.col("id").cast("int")), F.lit(n)).alias("p")).toArrow()
+        x = t.column("x").to_numpy()
+        parts, first = np.unique(t.column("p").to_numpy(), return_index=True)  # rows come in id order
+        for p, i in zip(parts.tolist(), first.tolist()):
+            got.setdefault(p, int(x[i]))
         start += size
     return [got[p] for p in range(n)]
 

@@ -316,10 +316,11 @@ def count_vocab(valid: DataFrame, fields: list[dict], train_days: list[str], par
             n_of[i] = int((k == i).sum())  # a field's distinct train values: its rows
     uk = {x: i for i, x in enumerate(keys) if isinstance(x, tuple)}
     for what, col in (("users", user_col), ("items", item_col)):
-        uk.setdefault(("train", what), keys.index(col) if col in keys else -1)
+        if ("train", what) not in uk:  # not an extra: counted as a field
+            uk[("train", what)] = keys.index(col)
     uniques = {split: (n_of.get(uk[(split, "users")]), n_of.get(uk[(split, "items")])) for split in ("train", "test")
                if n_of.get(uk[(split, "users")]) or n_of.get(uk[(split, "items")])}
-    is_field = pa.array(np.array([isinstance(x, str) for x in keys] + [False], dtype=bool)[k])
+    is_field = pa.array(np.array([isinstance(x, str) for x in keys], dtype=bool)[k])
     names_by_k = pa.array([x if isinstance(x, str) else None for x in keys], pa.string())
     fc = tab.filter(is_field)
     fc = pa.table({"field": names_by_k.take(fc.column("k")), "value": fc.column("v"),
