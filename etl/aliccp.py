@@ -122,23 +122,23 @@ class Converted:
     format: str = "raw"
     vocab_parent: dict | None = None  # {"parent": PREV, "new_ids": {field: n}} with --vocab-from
     cached: list = field(default_factory=list)  # persisted parses, released after the write
+    uniques: dict | None = None  # split -> (users, items) of the rows to write
 
 
 def convert_raw(spark, raw: str, fields: list[FieldSpec] | None = None, *, min_count: int = 1,
                 recode_conversion_without_click: bool = False, features_path: str | None = None,
                 vocab_from: dict | None = None) -> Converted:
     """Raw Ali-CCP directory -> a ``Converted`` (train from the train files, test from the test files)."""
-    from etl.aliccp_parse import check_fields, flag_split, parse_common, parse_skeleton
+    from etl.aliccp_lines import parse
+    from etl.aliccp_parse import flag_split
 
     check_min_count(min_count)
     fields = fields or default_fields()
     files = find_raw_files(raw)
     flagged, cached = {}, []
     for s in SPLITS:
-        sk = check_fields(parse_skeleton(read_lines(spark, files[s]["skeleton"])),
-                          [f for f in fields if f.side == "skeleton"])
-        com = check_fields(parse_common(read_lines(spark, files[s]["common"])),
-                           [f for f in fields if f.side == "common"])
+        sk = parse(read_lines(spark, files[s]["skeleton"]), "skeleton", [f for f in fields if f.side == "skeleton"])
+        com = parse(read_lines(spark, files[s]["common"]), "common", [f for f in fields if f.side == "common"])
         sk, com = _keep(sk, cached), _keep(com, cached)
         flagged[s] = flag_split(s, sk, com, f"sample_skeleton_{s}", f"common_features_{s}",
                                 recode_conversion_without_click=recode_conversion_without_click)
@@ -173,6 +173,8 @@ def convert_flagged(spark, flagged: dict, fields: list[FieldSpec], *, min_count:
     if tr["kept"] == 0:
         raise InputError(f"{inputs['files']['train'][0]}: no usable impression in the train split "
                          f"(read {tr['read']}, every line rejected)")
+    # counted with the vocabulary, so the write needs no job of its own for them
+    uniques = {s: (c.pop("users"), c.pop("items")) for s, c in counters.items()}
     splits = {s: encode_split(s, p.impressions, p.commons, fields, values, min_count, prefixed)
               for s, p in flagged.items()}
     rejects = None
@@ -195,7 +197,7 @@ def convert_flagged(spark, flagged: dict, fields: list[FieldSpec], *, min_count:
     vparent = None if parent is None else {"parent": parent["parent"], "new_ids": parent["new_ids"]}
     return Converted(splits=splits, fields=mfields, vocab=vocab, rejects=rejects, read_counts=read,
                      counters=counters, inputs=inputs, recode=recode, format=fmt, vocab_parent=vparent,
-                     cached=cached or [])
+                     cached=cached or [], uniques=uniques)
 
 
 def manifest_extra(conv: Converted) -> dict:
@@ -258,7 +260,8 @@ def write(spark, out: str, conv: Converted, *, shards: int = 4, created_by: str 
         return write_dataset(
             spark, out, conv.splits, conv.fields, shards=shards, inputs=conv.inputs, rejects=conv.rejects,
             reject_counts={}, read_counts=conv.read_counts, created_by=created_by, vocab=conv.vocab,
-            user_field="_user_raw", item_field="_item_raw", extra=manifest_extra(conv), check=check)
+            user_field="_user_raw", item_field="_item_raw", extra=manifest_extra(conv), check=check,
+            days={s: [PSEUDO_DAYS[s]] for s in conv.splits}, uniques=conv.uniques)
     finally:
         for df in conv.cached:
             df.unpersist()

@@ -9,11 +9,14 @@ counter. The line counts come from the parsed files before any flagging, so
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from etl.aliccp_encode import first_raw
 from etl.aliccp_parse import Flagged
-from etl.aliccp_spec import CONV_WITHOUT_CLICK, DUPLICATE, MALFORMED, FieldSpec
+from etl.aliccp_spec import CONV_WITHOUT_CLICK, DUPLICATE, ITEM_FIELD, MALFORMED, USER_FIELD, FieldSpec
 
 ROW = ("kind string, split string, status string, field string, value string, id bigint, n bigint, "
        "unlisted bigint, y bigint, z bigint, cwc bigint")
@@ -50,6 +53,13 @@ def counter_rows(p: Flagged) -> DataFrame:
             kind=_lit("com"), split=s, status=F.col("_status"), n=F.col("n"), unlisted=F.col("u")))
         missing = p.impressions.select("cfi").join(p.commons.select("cfi"), "cfi", "left_anti")
         rows = rows.unionByName(_rows(missing.agg(one.alias("n")), kind=_lit("missing"), split=s, n=F.col("n")))
+    # the manifest's users / items: distinct raw ids over the rows that will be written
+    # (the user's from the common row when there is one), so the write needs no count job
+    users = p.impressions if p.commons is None else p.commons.join(p.impressions.select("cfi").distinct(), "cfi")
+    rows = rows.unionByName(_rows(users.agg(F.countDistinct(first_raw(users, USER_FIELD)).alias("n")),
+                                  kind=_lit("users"), split=s, n=F.col("n")))
+    rows = rows.unionByName(_rows(p.impressions.agg(F.countDistinct(first_raw(p.impressions, ITEM_FIELD)).alias("n")),
+                                  kind=_lit("items"), split=s, n=F.col("n")))
     return rows
 
 
@@ -63,8 +73,12 @@ def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpe
     ``parent`` ``{"parent", "new_ids", "vocab_sizes"}`` when ``prev`` (a previous
     vocabulary: ``{"parent": path, "vocab": DataFrame, "vocab_sizes": {...}}``) is given.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from etl.aliccp_encode import train_counts
-    from etl.vocab import VOCAB_SCHEMA, assign_ids, extend_vocab
+    from etl.spark import arrow_frame
+    from etl.vocab import VOCAB_SCHEMA, _values_of, assign_ids, extend_vocab
 
     vf = [f for f in fields if not f.hash_buckets]
     mins = {f.name: int(f.min_count or min_count) for f in vf}
@@ -82,30 +96,22 @@ def vocab_and_counters(spark, flagged: dict[str, Flagged], fields: list[FieldSpe
                  n=F.col("count"), status=F.when(F.col("new"), F.lit("new")))
     for p in flagged.values():
         rows = rows.unionByName(counter_rows(p))
-    got = rows.toArrow().to_pandas()
-
-    voc = got[got["kind"] == "vocab"].sort_values(["field", "id"])
-    values: dict[str, list] = {f.name: [] for f in vf}
-    for name, grp in voc.groupby("field", sort=False):
-        if name not in values:
-            continue
-        ids = grp["id"].to_numpy()
-        lst = [f"\x00unused-{i}" for i in range(1, int(ids.max()) + 1)]  # unique: a gap matches nothing
-        for i, v in zip(ids, grp["value"]):
-            lst[int(i) - 1] = v
-        values[name] = lst
-    import pyarrow as pa
-
-    vocab_df = spark.createDataFrame(pa.table({  # from the collected rows: no second count
-        "field": pa.array(voc["field"].tolist(), pa.string()), "value": pa.array(voc["value"].tolist(), pa.string()),
-        "id": pa.array(voc["id"].astype("int64").tolist(), pa.int64()),
-        "count": pa.array(voc["n"].astype("int64").tolist(), pa.int64())}), VOCAB_SCHEMA)
-    counters = {s: split_counters(got, s, p.common is not None) for s, p in flagged.items()}
+    got = rows.toArrow()
+    is_voc = pc.fill_null(pc.equal(got.column("kind"), "vocab"), False)
+    voc = got.filter(is_voc)
+    voc = voc.take(pc.sort_indices(voc, sort_keys=[("field", "ascending"), ("id", "ascending")]))
+    vt = pa.table({"field": voc.column("field"), "value": voc.column("value"), "id": voc.column("id"),
+                   "count": voc.column("n")})
+    values = _values_of(vt, [{"name": f.name} for f in vf])  # an id a parent left unused: None
+    vocab_df = arrow_frame(spark, vt, VOCAB_SCHEMA)  # from the collected rows: no second count
+    rest = got.filter(pc.invert(is_voc)).to_pandas()
+    counters = {s: split_counters(rest, s, p.common is not None) for s, p in flagged.items()}
     parent = None
     if prev is not None:
-        new_ids = voc[voc["status"] == "new"].groupby("field").size().to_dict()
+        new = Counter(voc.filter(pc.fill_null(pc.equal(voc.column("status"), "new"), False)).column("field")
+                      .to_pylist())
         parent = {"parent": prev["parent"], "vocab_sizes": prev.get("vocab_sizes", {}),
-                  "new_ids": {f.name: int(new_ids.get(f.name, 0)) for f in vf}}
+                  "new_ids": {f.name: new[f.name] for f in vf}}
     return vocab_df, values, counters, parent
 
 
@@ -129,6 +135,7 @@ def split_counters(got, split: str, has_common: bool) -> dict:
         "common_read": val("clines"), "common_kept": val("com", status=None),
         "common_malformed": val("com", status=MALFORMED), "common_duplicate": val("com", status=DUPLICATE),
         "common_unlisted_entries": val("com", "unlisted", None),
+        "users": val("users"), "items": val("items"),
     }
     if not has_common:
         out["missing_common"] = 0

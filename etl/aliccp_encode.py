@@ -1,14 +1,15 @@
 """Flagged Ali-CCP rows -> vocabulary counts, encoded sides, the common join (DataFrames only).
 
 - ``train_counts``: every (field, value) occurrence of the TRAIN impressions, in one
-  aggregation. A common row's entries count once per impression that references it:
-  the common rows (0.7M at full size) are exploded and weighted by their impression
-  count instead of exploding the 42M joined rows with hundreds of user entries each.
-- ``to_columns``: ``entries`` -> one raw column per field (``string`` for single, ``array<string>``
-  otherwise, in file order, every entry kept) + ``<field>__w`` for weighted ones; the
-  common side is done BEFORE the join, on one row per user.
-- ``encode_side``: the shared encoder ``etl.vocab.encode_columns`` (Arrow batches
-  against a broadcast vocabulary: no explode, no join back); weights pass through.
+  aggregation (one ``posexplode`` per side, no lambdas). A common row's entries count once
+  per impression that references it: the common rows (0.7M at full size) are exploded
+  and weighted by their impression count instead of exploding the 42M joined rows with
+  hundreds of user entries each.
+- ``encode_side``: the parse's field columns (``etl.aliccp_lines``: ``string`` for single,
+  ``array<string>`` otherwise, in file order, + ``<field>__w``) -> ids with the shared
+  encoder ``etl.vocab.encode_columns`` (Arrow batches against a broadcast vocabulary: no
+  explode, no join back); weights pass through. The common side is encoded BEFORE the
+  join, on one row per user.
 - ``join_common``: skeleton LEFT JOIN common on the index, the one wide shuffle (a
   sort-merge join; the common side buffers one row per key, never collected or
   broadcast). A missing index keeps the impression with empty user fields.
@@ -17,42 +18,44 @@ from __future__ import annotations
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-from etl.aliccp_parse import _at, _field_is
+from etl.aliccp_parse import _at
 from etl.aliccp_spec import ITEM_FIELD, PSEUDO_DAYS, USER_FIELD, FieldSpec
 
 EMPTY_IDS = "cast(array() as array<bigint>)"
 
 
+def field_names(fields: list[FieldSpec]) -> list[str]:
+    """The parse's columns of ``fields``: each field, plus ``<name>__w`` for weighted ones."""
+    return [c for f in fields for c in ([f.name] + ([f.name + "__w"] if f.kind == "weighted" else []))]
+
+
+def _counted(df: DataFrame, fields: list[FieldSpec], weight) -> DataFrame:
+    """``(field, value, n)``: one row per value of ``fields`` in ``df`` (one posexplode)."""
+    from etl.vocab import _name_of, _vocab_columns, keyed_values
+
+    names, singles, lists = _vocab_columns(df, [{"name": f.name, "kind": f.kind} for f in fields])
+    kv = keyed_values(df, singles, lists, extra=[weight.cast("long").alias("n")])
+    return kv.select(_name_of(names).alias("field"), F.col("v").alias("value"), "n")
+
+
 def train_counts(impressions: DataFrame, commons: DataFrame | None, fields: list[FieldSpec]) -> DataFrame:
     """``(field, value, count)`` over the train impressions (+ their common rows); hashed fields skipped."""
-    names = [f.name for f in fields if not f.hash_buckets]
-    keep = (lambda e: e["field"].isin(names)) if names else (lambda e: F.lit(False))
-    sk = (impressions.select(F.explode(F.filter("entries", keep)).alias("e"))
-          .select(F.col("e.field").alias("field"), F.col("e.id").alias("value"), F.lit(1).cast("long").alias("n")))
+    vf = [f for f in fields if not f.hash_buckets]
+    sk = _counted(impressions, [f for f in vf if f.name in impressions.columns], F.lit(1))
     if commons is not None:
         n_imp = impressions.groupBy("cfi").agg(F.count(F.lit(1)).alias("_n"))
-        com = (commons.join(n_imp, "cfi").select(F.explode(F.filter("entries", keep)).alias("e"), "_n")
-               .select(F.col("e.field").alias("field"), F.col("e.id").alias("value"), F.col("_n").alias("n")))
-        sk = sk.unionByName(com)
+        sk = sk.unionByName(_counted(commons.join(n_imp, "cfi"), [f for f in vf if f.name in commons.columns],
+                                     F.col("_n")))
     return sk.groupBy("field", "value").agg(F.sum("n").alias("count"))
 
 
-def to_columns(df: DataFrame, fields: list[FieldSpec], keep: list[str]) -> DataFrame:
-    """``keep`` + per field its raw values (single: first id or null) and ``__w`` weights."""
-    cols = [F.col(k) for k in keep]
-    for f in fields:
-        sel = F.filter("entries", _field_is(f.name))
-        ids = F.transform(sel, lambda e: e["id"])
-        cols.append((_at(ids, 1) if f.kind == "single" else ids).alias(f.name))
-        if f.kind == "weighted":
-            cols.append(F.transform(sel, lambda e: e["value"]).alias(f.name + "__w"))
-    return df.select(*cols)
-
-
-def first_raw(name: str):
-    """The raw id of ``name``'s first entry (null if none): what users/items are counted by."""
-    return _at(F.transform(F.filter("entries", _field_is(name)), lambda e: e["id"]), 1)
+def first_raw(df: DataFrame, name: str):
+    """The raw id of ``name``'s first entry (null if none or not a field): what users/items are counted by."""
+    if name not in df.columns:
+        return F.lit(None).cast("string")
+    return F.col(name) if df.schema[name].dataType == T.StringType() else _at(name, 1)
 
 
 def encode_side(df: DataFrame, fields: list[FieldSpec], vocab: dict, keep: list[str], min_count: int) -> DataFrame:
@@ -87,20 +90,17 @@ def encode_split(split: str, impressions: DataFrame, commons: DataFrame | None, 
     ``sample_id`` becomes ``<split>-<sample_id>`` unless ``prefixed`` (already unique).
     """
     sid = F.col("sample_id") if prefixed else F.concat(F.lit(split + "-"), F.col("sample_id"))
-    imp = impressions.select(sid.alias("sample_id"), "click", "conversion", "cfi", "entries",
-                             first_raw(ITEM_FIELD).alias("_item_raw"),
-                             first_raw(USER_FIELD).alias("_user_raw"))
-    base = ["sample_id", "click", "conversion", "cfi", "_item_raw", "_user_raw"]
     sk_fields = fields if commons is None else [f for f in fields if f.side == "skeleton"]
-    df = encode_side(to_columns(imp, sk_fields, base), sk_fields, vocab, base, min_count)
+    imp = impressions.select(sid.alias("sample_id"), "click", "conversion", "cfi", *field_names(sk_fields),
+                             first_raw(impressions, ITEM_FIELD).alias("_item_raw"),
+                             first_raw(impressions, USER_FIELD).alias("_user_raw"))
+    base = ["sample_id", "click", "conversion", "cfi", "_item_raw", "_user_raw"]
+    df = encode_side(imp, sk_fields, vocab, base, min_count)
     if commons is not None:
         com_fields = [f for f in fields if f.side == "common"]
-        com = commons.select("cfi", "entries", first_raw(USER_FIELD).alias("_user_raw"))
-        com = encode_side(to_columns(com, com_fields, ["cfi", "_user_raw"]), com_fields, vocab,
-                          ["cfi", "_user_raw"], min_count)
+        com = commons.select("cfi", *field_names(com_fields), first_raw(commons, USER_FIELD).alias("_user_raw"))
+        com = encode_side(com, com_fields, vocab, ["cfi", "_user_raw"], min_count)
         df = join_common(df, com, com_fields)
     day = PSEUDO_DAYS[split]
     return df.select(F.col("sample_id"), F.lit(day).cast("date").cast("timestamp").alias("ts"),
-                     F.lit(day).alias("dt"), "click", "conversion",
-                     *[c for f in fields for c in ([f.name] + ([f.name + "__w"] if f.kind == "weighted" else []))],
-                     "_user_raw", "_item_raw")
+                     F.lit(day).alias("dt"), "click", "conversion", *field_names(fields), "_user_raw", "_item_raw")

@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 from etl.aliccp import _keep, convert_flagged, read_lines, read_numbered_lines
-from etl.aliccp_parse import _at, check_fields, flag_split
+from etl.aliccp_lines import parse
+from etl.aliccp_parse import _at, flag_split
 from etl.aliccp_spec import FieldSpec, check_min_count, default_fields
 from etl.errors import InputError
 
@@ -69,35 +70,43 @@ def parse_rechub(lines, header: list[str], fields: list[FieldSpec], path: str):
     p = F.split("line", ",")
     df = lines.where(F.col("line") != ",".join(header)).withColumn("p", p)
 
-    def entry(f: FieldSpec):
-        raw = _at("p", col[f.name])
-        idn = raw.try_cast("bigint")
+    # index 0 is the source's "rare or missing": no entry (a single field null, a list empty)
+    cols, oks = [], []
+    for f in fields:
+        idn = _at("p", col[f.name]).try_cast("bigint")
         dcol = col.get("D" + f.name)
         val = _at("p", dcol).try_cast("float") if dcol and f.kind == "weighted" else F.lit(1.0).cast("float")
-        ok = idn.isNotNull() & (idn >= 0) & val.isNotNull() & ~F.isnan(val)
-        return F.struct(F.lit(f.name).alias("field"), idn.cast("string").alias("id"), val.alias("value"),
-                        F.coalesce(ok, F.lit(False)).alias("ok"))
-
-    entries = F.array(*[entry(f) for f in fields])
+        oks.append(F.coalesce(idn.isNotNull() & (idn >= 0) & val.isNotNull() & ~F.isnan(val), F.lit(False)))
+        some = idn != 0
+        if f.kind == "single":
+            cols.append(F.when(some, idn.cast("string")).alias(f.name))
+            continue
+        cols.append(F.when(some, F.array(idn.cast("string"))).otherwise(F.array().cast("array<string>"))
+                    .alias(f.name))
+        if f.kind == "weighted":
+            cols.append(F.when(some, F.array(val)).otherwise(F.array().cast("array<float>")).alias(f.name + "__w"))
+    all_ok = oks[0]
+    for ok in oks[1:]:
+        all_ok = all_ok & ok
     bad = (
         F.when(F.size("p") != len(header), F.concat(F.lit(f"expected {len(header)} columns, got "),
                                                      F.size("p").cast("string")))
         .when(~_at("p", col["click"]).isin("0", "1"), F.lit("click is not 0/1"))
         .when(~_at("p", col["purchase"]).isin("0", "1"), F.lit("purchase is not 0/1"))
-        .when(~F.forall(entries, lambda e: e["ok"]), F.lit("a field id is not a non-negative integer "
-                                                            "or its D column not a number"))
+        .when(~all_ok, F.lit("a field id is not a non-negative integer or its D column not a number"))
     )
+    click = F.when(_at("p", col["click"]) == "1", 1).otherwise(0).cast("tinyint")
+    conv = F.when(_at("p", col["purchase"]) == "1", 1).otherwise(0).cast("tinyint")
     # file + line: the same id whatever the core count or the file splits
     name = F.regexp_extract("source", r"([^/]+)$", 1)
     kind = F.regexp_extract(name, r"ali_ccp_(train|val|test)", 1)
     return df.select(
         F.concat(kind, F.lit("-"), name, F.lit(":"), F.col("lineno").cast("string")).alias("sample_id"),
-        F.when(_at("p", col["click"]) == "1", 1).otherwise(0).cast("tinyint").alias("click"),
-        F.when(_at("p", col["purchase"]) == "1", 1).otherwise(0).cast("tinyint").alias("conversion"),
-        F.lit(None).cast("string").alias("cfi"),
-        # index 0 is the source's "rare or missing": no entry
-        F.filter(entries, lambda e: e["id"] != F.lit("0")).alias("entries"),
-        bad.alias("bad"), "line", "source", "pos",
+        click.alias("click"), conv.alias("conversion"), F.lit(None).cast("string").alias("cfi"),
+        bad.alias("bad"), F.lit(0).alias("unlisted"),
+        # only a line that can be rejected keeps its text (what is persisted stays small)
+        F.when(bad.isNotNull() | ((click == 0) & (conv == 1)), F.col("line")).alias("line"),
+        "source", "pos", *cols,
     )
 
 
@@ -120,8 +129,7 @@ def convert_rechub(spark, root: str, fields: list[FieldSpec] | None = None, *, m
         for other in paths[1:]:
             if _first_line(spark, other).split(",") != header:
                 raise InputError(f"{other}: header differs from {paths[0]}'s")
-        parsed = parse_rechub(read_numbered_lines(spark, paths), header, fields, paths[0])
-        parsed = _keep(check_fields(parsed, fields), cached)
+        parsed = _keep(parse_rechub(read_numbered_lines(spark, paths), header, fields, paths[0]), cached)
         preps[split] = flag_split(split, parsed, None, f"rechub_{split}", None,
                                   recode_conversion_without_click=recode_conversion_without_click)
     inputs = {
@@ -157,36 +165,6 @@ def paddlerec_fields(fields: list[FieldSpec]) -> list[FieldSpec]:
     return [dataclasses.replace(f, kind="multi") if f.kind == "weighted" else f for f in fields]
 
 
-def parse_paddlerec(lines):
-    """Lines ``sample_id,click,conversion,field:feat,...`` -> the parsed layout ``flag_split`` takes."""
-    from pyspark.sql import functions as F
-
-    p = F.split("line", ",")
-    toks = F.slice(p, 4, 1 << 30)  # every token from the 4th column on; none is skipped
-
-    def one(t):
-        a = F.split(t, ":")
-        idn = _at(a, -1).try_cast("bigint")
-        ok = (F.size(a) == 2) & (F.length(_at(a, 1)) > 0) & idn.isNotNull()
-        return F.struct(_at(a, 1).alias("field"), idn.cast("string").alias("id"),
-                        F.lit(1.0).cast("float").alias("value"), F.coalesce(ok, F.lit(False)).alias("ok"))
-
-    df = lines.withColumn("p", p).withColumn("entries", F.transform(toks, one))
-    bad = (
-        F.when(F.size("p") < 3, F.lit("expected sample_id,click,conversion,field:feat,..."))
-        .when(F.length(_at("p", 1)) == 0, F.lit("empty sample_id"))
-        .when(~_at("p", 2).isin("0", "1"), F.lit("click is not 0/1"))
-        .when(~_at("p", 3).isin("0", "1"), F.lit("conversion is not 0/1"))
-        .when(~F.forall("entries", lambda e: e["ok"]), F.lit("a token is not field:integer"))
-    )
-    return df.select(
-        _at("p", 1).alias("sample_id"),
-        F.when(_at("p", 2) == "1", 1).otherwise(0).cast("tinyint").alias("click"),
-        F.when(_at("p", 3) == "1", 1).otherwise(0).cast("tinyint").alias("conversion"),
-        F.lit(None).cast("string").alias("cfi"), "entries", bad.alias("bad"), "line", "source", "pos",
-    )
-
-
 def convert_paddlerec(spark, root: str, fields: list[FieldSpec] | None = None, *, min_count: int = 1,
                       recode_conversion_without_click: bool = False, features_path: str | None = None,
                       vocab_from: dict | None = None):
@@ -196,7 +174,7 @@ def convert_paddlerec(spark, root: str, fields: list[FieldSpec] | None = None, *
     files = find_paddlerec_files(root)
     preps, cached = {}, []
     for split, paths in files.items():
-        parsed = _keep(check_fields(parse_paddlerec(read_lines(spark, paths)), fields), cached)
+        parsed = _keep(parse(read_lines(spark, paths), "paddlerec", fields), cached)
         preps[split] = flag_split(split, parsed, None, f"paddlerec_{split}", None,
                                   recode_conversion_without_click=recode_conversion_without_click)
     inputs = {

@@ -30,6 +30,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.list_encode import list_udf
+from etl.spark import arrow_frame
 
 VOCAB_SCHEMA = "field string, value string, id bigint, count bigint"
 
@@ -118,9 +119,10 @@ def _values_list(df: DataFrame, name: str):
     return F.coalesce(c.cast("array<string>"), F.array().cast("array<string>"))
 
 
-def keyed_values(df: DataFrame, singles: list, lists: list) -> DataFrame:
-    """``(k int, v string)``: one row per non-null value of the given columns, ``k`` the
-    value's column (``singles`` first: string columns; then ``lists``: array<string>).
+def keyed_values(df: DataFrame, singles: list, lists: list, extra: list = ()) -> DataFrame:
+    """``(k int, v string, *extra)``: one row per non-null value of the given columns, ``k``
+    the value's column (``singles`` first: string columns; then ``lists``: array<string>);
+    ``extra`` (named columns of ``df``) is repeated on each of the row's values.
 
     One ``posexplode`` of the concatenated values, ``k`` from the position and the lists'
     sizes: Spark runs higher-order functions (``transform``) and per-value structs
@@ -128,13 +130,14 @@ def keyed_values(df: DataFrame, singles: list, lists: list) -> DataFrame:
     """
     ns = len(singles)
     arr = F.concat(F.array(*singles) if singles else F.array().cast("array<string>"), *lists)
-    x = df.select(arr.alias("_a"), *[F.size(c).alias(f"_n{j}") for j, c in enumerate(lists)])
-    x = x.select(F.posexplode("_a").alias("_p", "v"), *[f"_n{j}" for j in range(len(lists))])
+    x = df.select(arr.alias("_a"), *[F.size(c).alias(f"_n{j}") for j, c in enumerate(lists)], *extra)
+    names = x.columns[1 + len(lists):]
+    x = x.select(F.posexplode("_a").alias("_p", "v"), *[f"_n{j}" for j in range(len(lists))], *names)
     k, edge = F.when(F.col("_p") < ns, F.col("_p")), F.lit(ns)
     for j in range(len(lists)):
         edge = edge + F.col(f"_n{j}")
         k = k.when(F.col("_p") < edge, F.lit(ns + j))
-    return x.select(k.cast("int").alias("k"), "v").where(F.col("v").isNotNull())
+    return x.select(k.cast("int").alias("k"), "v", *names).where(F.col("v").isNotNull())
 
 
 def _vocab_columns(df: DataFrame, vf: list[dict], when=None) -> tuple[list[str], list, list]:
@@ -333,7 +336,7 @@ def count_vocab(valid: DataFrame, fields: list[dict], train_days: list[str], par
                        parent.vocab, parent.top).toArrow()
     vt = vt.cast(pa.schema([("field", pa.string()), ("value", pa.string()), ("id", pa.int64()), ("count", pa.int64())]))
     values = _values_of(vt, fields)
-    return spark.createDataFrame(vt, schema=VOCAB_SCHEMA), values, uniques
+    return arrow_frame(spark, vt, VOCAB_SCHEMA), values, uniques
 
 
 def _values_of(tab, fields: list[dict]) -> dict[str, list]:
@@ -367,21 +370,18 @@ def collect_vocab(vocab: DataFrame, fields: list[dict]) -> dict[str, list[str]]:
     return _values_of(vocab.where(F.col("field").isin(vf)).toArrow(), fields)
 
 
-def vocab_frame(spark, values: dict[str, list]) -> DataFrame:
-    """The long vocabulary ``(field, value, id, count)`` of :func:`collect_vocab`'s dict
-    (count null), built on the driver: no recomputation of the counting job."""
+def _single_table(spark, name: str, values: list) -> DataFrame:
+    """``(_vk_<name> value, _vi_<name> id)`` of one field, built on the driver (a hole, None,
+    is an id a parent left unused: no row). One small frame per field, so each broadcast
+    reads only its own field's values."""
+    import numpy as np
     import pyarrow as pa
 
-    fld, val, ids = [], [], []
-    for f, vals in values.items():
-        for i, v in enumerate(vals, start=1):
-            if v is not None:
-                fld.append(f)
-                val.append(v)
-                ids.append(i)
-    tab = pa.table({"field": pa.array(fld, pa.string()), "value": pa.array(val, pa.string()),
-                    "id": pa.array(ids, pa.int64()), "count": pa.nulls(len(ids), pa.int64())})
-    return spark.createDataFrame(tab, schema=VOCAB_SCHEMA)
+    vals = pa.array(values, pa.string())
+    keep = vals.is_valid()
+    tab = pa.table({f"_vk_{name}": vals.filter(keep),
+                    f"_vi_{name}": pa.array(np.arange(1, len(values) + 1, dtype=np.int64)).filter(keep)})
+    return arrow_frame(spark, tab, f"`_vk_{name}` string, `_vi_{name}` bigint")
 
 
 def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) -> DataFrame:
@@ -407,7 +407,6 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
     lists = [f for f in fields if f["kind"] != "single" and not f.get("hash_buckets")]
     bc = spark.sparkContext.broadcast({f["name"]: values[f["name"]] for f in lists}) if lists else None
     token = uuid.uuid4().hex  # names this broadcast in the workers' lookup cache
-    vdf = None
     out = df
     sel = [F.col(k) for k in keep]
     for f in fields:
@@ -419,11 +418,8 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
             if f.get("hash_buckets"):
                 ids = F.array(hash_ids(v, f["hash_buckets"]))
             else:
-                if vdf is None:
-                    vdf = vocab_frame(spark, {k: values[k] for k in values})
                 key, idc = f"_vk_{name}", f"_vi_{name}"
-                table = vdf.where(F.col("field") == name).select(F.col("value").alias(key), F.col("id").alias(idc))
-                out = out.join(F.broadcast(table), v == F.col(key), "left")
+                out = out.join(F.broadcast(_single_table(spark, name, values[name])), v == F.col(key), "left")
                 ids = F.array(F.coalesce(F.col(idc), F.lit(0).cast("bigint")))
             sel.append(ids.cast("array<bigint>").alias(name))
         elif not f.get("hash_buckets"):  # Python, this column only (etl/list_encode.py)
