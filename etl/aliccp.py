@@ -1,14 +1,16 @@
 """Ali-CCP (Tianchi dataId=408) raw release -> the shard contract: the read and write edges.
 
-Plan (the transforms live in ``aliccp_parse`` and ``aliccp_encode``; only this module
-touches paths)::
+Plan (the transforms live in ``aliccp_lines``, ``aliccp_parse`` and ``aliccp_encode``;
+only this module touches paths)::
 
-    read    text lines of the four files (gzip decoded by Hadoop), parsed ONCE and kept
-            (MEMORY_AND_DISK) for the two actions below
+    read    text lines of the four files (gzip decoded by Hadoop), parsed ONCE into one
+            column per field (Arrow kernels on the Python workers, ``aliccp_lines``) and
+            kept (MEMORY_AND_DISK) for the two actions below
     flag    per line a status: kept, malformed, duplicate, click=0/conversion=1
     action  1: one collect of the vocabulary (one aggregation over the train impressions
             and their common rows, ids assigned in Spark) TOGETHER with every counter
-            (lines per file, rows per status, missing common rows): no separate count jobs
+            (lines per file, rows per status, missing common rows, users and items per
+            split): no separate count jobs, and none in the write
     encode  per side with the shared Arrow encoder (``etl.vocab.encode_columns``), the
             common side before the join; one sort-merge join by common index
     write   ``etl.shards.write_dataset``; lines read = written + rejected is checked
