@@ -301,6 +301,23 @@ def parse_paddlerec_batch(batch, fields):
 
 # --------------------------------------------------------------------------- Spark
 
+SLICE_BYTES = 32 << 20  # a batch of 10,000 common lines is ~110 MB; its parse holds a few times that
+
+
+def slices(batch, max_bytes: int):
+    """``batch`` cut into consecutive slices of at most ``max_bytes`` of line text (a longer
+    line is a slice of its own), so a worker's memory does not grow with the batch."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ends = np.cumsum(_np(pc.fill_null(pc.binary_length(batch.column("line")), 0)).astype(np.int64))
+    start = 0
+    while start < batch.num_rows:
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + max_bytes, side="right")))
+        yield batch.slice(start, stop - start)
+        start = stop
+
 
 def parse(lines, kind: str, fields):
     """``lines`` (line, source, pos) -> the parsed frame, one Arrow pass per batch.
@@ -313,6 +330,7 @@ def parse(lines, kind: str, fields):
 
     def run(batches):
         for b in batches:
-            yield fn(b, fields)
+            for piece in slices(b, SLICE_BYTES):
+                yield fn(piece, fields)
 
     return lines.select("line", "source", "pos").mapInArrow(run, schema_of(head, fields))

@@ -103,3 +103,14 @@ def test_every_field_column_equals_a_plain_split():
         assert r["210"] == [e[1] for e in by["210"]]
         assert r["508"] == [e[1] for e in by["508"]]
         assert r["508__w"] == pytest.approx([float(e[2]) for e in by["508"]], rel=1e-6)
+
+
+def test_a_batch_is_parsed_in_slices_of_bounded_text():
+    lines = [sk(i, 0, 0, "k", [E(205, i)] * (1 + i % 3)) for i in range(50)] + ["x" * 500]
+    b = batch(lines)
+    pieces = list(L.slices(b, 100))
+    assert pa.Table.from_batches(pieces).to_pylist() == pa.Table.from_batches([b]).to_pylist()
+    sizes = [sum(len(x) for x in p.column("line").to_pylist()) for p in pieces]
+    assert all(s <= 100 for s in sizes[:-1]) and sizes[-1] == 500 and len(pieces) > 5
+    whole = L.parse_skeleton_batch(b, SK).to_pylist()
+    assert [r for p in pieces for r in L.parse_skeleton_batch(p, SK).to_pylist()] == whole
