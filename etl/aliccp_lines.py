@@ -197,6 +197,17 @@ def _first_bad(*checks):
     return out
 
 
+def _messages(mask, make):
+    """A reason per row where ``mask`` (``make(i)`` for row i), None elsewhere: only the
+    rows that need a message get one."""
+    import numpy as np
+
+    out = np.full(len(mask), None, dtype=object)
+    idx = np.flatnonzero(mask)
+    out[idx] = [make(int(i)) for i in idx]
+    return out
+
+
 def _is_empty(col):
     import pyarrow.compute as pc
 
@@ -215,11 +226,9 @@ def _list_checks(num_s, fl, nrows: int):
     row, ok = ent[0], ent[4]
     n_ent = np.bincount(row, minlength=nrows)
     any_bad = np.bincount(row[~ok], minlength=nrows) > 0
-    num_np = _np(pc.fill_null(num, -1)).astype(np.int64)
-    size_msg = np.array([f"feature_num {a} but {b} entries" for a, b in zip(num_txt.to_pylist(), n_ent)], object) \
-        if nrows else np.array([], object)
-    checks = [(~_np(num.is_valid()), "feature_num is not an integer"), (any_bad, BAD_ENTRY),
-              (num_np != n_ent, size_msg)]
+    differ = _np(pc.fill_null(num, -1)).astype(np.int64) != n_ent
+    size_msg = _messages(differ, lambda i: f"feature_num {num_txt[i].as_py()} but {n_ent[i]} entries")
+    checks = [(~_np(num.is_valid()), "feature_num is not an integer"), (any_bad, BAD_ENTRY), (differ, size_msg)]
     return ent, checks
 
 
@@ -252,14 +261,11 @@ def _label(col):
 
 def parse_skeleton_batch(batch, fields):
     """``line, source, pos`` of sample_skeleton lines -> SKELETON_COLUMNS + TAIL_COLUMNS + fields."""
-    nrows = batch.num_rows
     ncol, (sid, click_s, conv_s, cfi, num_s, fl) = split_columns(batch.column("line"), 6)
-    ent, list_checks = _list_checks(num_s, fl, nrows)
+    ent, list_checks = _list_checks(num_s, fl, batch.num_rows)
     click, click_ok = _label(click_s)
     conv, conv_ok = _label(conv_s)
-    import numpy as np
-
-    checks = [(ncol != 6, np.array([f"expected 6 comma-separated columns, got {c}" for c in ncol], object)),
+    checks = [(ncol != 6, _messages(ncol != 6, lambda i: f"expected 6 comma-separated columns, got {ncol[i]}")),
               (_is_empty(sid), "empty sample_id"), (~click_ok, "click is not 0/1"),
               (~conv_ok, "conversion is not 0/1"), (_is_empty(cfi), "empty common_feature_index")] + list_checks
     cwc = (click.to_numpy() == 0) & (conv.to_numpy() == 1)
@@ -273,7 +279,7 @@ def parse_common_batch(batch, fields):
 
     ncol, (cfi, num_s, fl) = split_columns(batch.column("line"), 3)
     ent, list_checks = _list_checks(num_s, fl, batch.num_rows)
-    checks = [(ncol != 3, np.array([f"expected 3 comma-separated columns, got {c}" for c in ncol], object)),
+    checks = [(ncol != 3, _messages(ncol != 3, lambda i: f"expected 3 comma-separated columns, got {ncol[i]}")),
               (_is_empty(cfi), "empty common_feature_index")] + list_checks
     return _finish({"cfi": cfi}, ent, checks, fields, batch, np.zeros(batch.num_rows, bool))
 
