@@ -20,6 +20,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from etl.aliccp_lines import field_columns
 from etl.aliccp_parse import _at
 from etl.aliccp_spec import ITEM_FIELD, PSEUDO_DAYS, USER_FIELD, FieldSpec
 
@@ -28,7 +29,7 @@ EMPTY_IDS = "cast(array() as array<bigint>)"
 
 def field_names(fields: list[FieldSpec]) -> list[str]:
     """The parse's columns of ``fields``: each field, plus ``<name>__w`` for weighted ones."""
-    return [c for f in fields for c in ([f.name] + ([f.name + "__w"] if f.kind == "weighted" else []))]
+    return [name for name, _ in field_columns(fields)]
 
 
 def _counted(df: DataFrame, fields: list[FieldSpec], weight) -> DataFrame:

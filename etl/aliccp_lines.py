@@ -27,6 +27,8 @@ is kept only when it can become a reject (bad, or click=0 with conversion=1).
 """
 from __future__ import annotations
 
+from etl.list_encode import _list_parts
+
 _ENTRY = r"^(?P<field>[^\x02\x03]*)\x02(?P<id>[^\x02\x03]*)\x03(?P<value>[^\x02\x03]*)$"
 _TOKEN = r"^(?P<field>[^:]*):(?P<id>[^:]*)$"
 _BLANK = "".join(chr(c) for c in range(0x21))  # what Spark trims around a number
@@ -64,39 +66,26 @@ def _np(arr):
     return arr.to_numpy(zero_copy_only=False)
 
 
-def split_columns(lines, ncols: int | None):
-    """(number of columns per line, [column j as a string array, null where missing]).
-
-    ``ncols``: split at the first ``ncols - 1`` commas (the last column keeps the rest);
-    None: split at every comma and return the list array as the second value.
-    """
+def elements(lists, count: int):
+    """(length of each list, [element j of each list, null where shorter, for j < count],
+    the last element of each list)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    parts = pc.split_pattern(lines, ",", max_splits=None if ncols is None else ncols - 1)
-    n = _np(pc.list_value_length(parts)).astype(np.int64)
-    if ncols is None:
-        return n, parts
-    cols = [nth(parts, n, j) for j in range(ncols - 1)]
-    cols.append(pc.take(pc.list_flatten(parts), pa.array(_starts(parts) + n - 1)))  # the last, whatever the count
-    return n, cols
+    flat, off = _list_parts(lists)
+    n, start = np.diff(off).astype(np.int64), off[:-1].astype(np.int64)
+    cols = [pc.take(flat, pa.array(np.where(n > j, start + j, 0), mask=n <= j)) for j in range(count)]
+    return n, cols, pc.take(flat, pa.array(np.maximum(start + n - 1, 0), mask=n == 0))
 
 
-def _starts(lists):
-    import numpy as np
-
-    off = lists.offsets.to_numpy().astype(np.int64)
-    return off[:-1] - off[0]  # list_flatten starts at the first list's values
-
-
-def nth(lists, n, j: int):
-    """Element ``j`` of each list (``n``: their lengths), null where the list is shorter."""
-    import numpy as np
-    import pyarrow as pa
+def split_columns(lines, ncols: int):
+    """(number of columns per line, [column j, null where missing]): split at the first
+    ``ncols - 1`` commas, the last column keeps the rest (and is the last part whatever the count)."""
     import pyarrow.compute as pc
 
-    return pc.take(pc.list_flatten(lists), pa.array(np.where(n > j, _starts(lists) + j, 0), mask=n <= j))
+    n, cols, last = elements(pc.split_pattern(lines, ",", max_splits=ncols - 1), ncols - 1)
+    return n, cols + [last]
 
 
 def _int_strings(s, bits: int = 64):
@@ -136,9 +125,9 @@ def entries(lists, pattern: str, weighted: bool = True):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    lens = _np(pc.fill_null(pc.list_value_length(lists), 0)).astype(np.int64)  # a null list: none
-    row = np.repeat(np.arange(len(lists)), lens)
-    parts = pc.extract_regex(pc.list_flatten(lists), pattern)
+    flat, off = _list_parts(lists)  # a null list: no entry
+    row = np.repeat(np.arange(len(lists)), np.diff(off))
+    parts = pc.extract_regex(flat, pattern)
     field, ids = parts.field("field"), _int_strings(parts.field("id"))[0]
     if weighted:
         value = _floats(parts.field("value"))
@@ -291,8 +280,8 @@ def parse_paddlerec_batch(batch, fields):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ncol, parts = split_columns(batch.column("line"), None)
-    sid, click_s, conv_s = nth(parts, ncol, 0), nth(parts, ncol, 1), nth(parts, ncol, 2)
+    parts = pc.split_pattern(batch.column("line"), ",")
+    ncol, (sid, click_s, conv_s), _ = elements(parts, 3)
     ent = entries(pc.list_slice(parts, 3), _TOKEN, weighted=False)
     click, click_ok = _label(click_s)
     conv, conv_ok = _label(conv_s)
