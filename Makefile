@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
 	$(VENV)/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda or 'none (CPU build)')"
+	@# the fused row kernels, built once (g++, ninja); without them training uses torch ops
+	$(VENV)/bin/python -c "from train.shard.row_kernels import kernels; print('esmm row kernels:', 'built' if kernels() else 'not built')"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -48,6 +48,8 @@ def op_kind(name: str) -> str:
     for kind, ops in KINDS:
         if name in ops:
             return kind
+    if name.startswith("esmm_row_kernels::"):  # train/shard/row_kernels.py
+        return "fused row kernels (dedup, sparse optimizer)"
     if name.startswith("aten::"):
         return "other aten ops (elementwise, views, ...)"
     return "python / autograd / optimizer glue"
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         n_prof = min(a.steps, 20)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get("PROFILE_SHAPES"))) as prof:
             for _ in steps(n_prof):
                 pass
         avgs = prof.key_averages()

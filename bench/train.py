@@ -21,9 +21,11 @@ number of epochs, one contender per fresh subprocess, one after another:
                 compile("adam", bce x2) and fit(verbose=2), its defaults (L2 1e-5 on embeddings)
 
 The peers run in bench/.venv-peers (``bash bench/setup_peers.sh``); the project's
-contenders in the interpreter running this script. Every child gets OMP_WAIT_POLICY=PASSIVE
-(``--omp-active`` to leave it): on a shared machine torch's spinning OpenMP threads otherwise
-time each other out (measured here: 1.3k -> 18.8k samples/s for the same run). Training time is the epoch loop only;
+contenders in the interpreter running this script. Every child gets the OpenMP wait policy
+the ``esmm`` jobs run with (``--omp esmm``, default: spin ~50 us, then sleep; jobs/common.py),
+or ``--omp passive`` (sleep at once; the policy of the figures before the fourth session
+of 2026-12-04), or ``--omp asis`` (this shell's; libgomp's own default spins ~3 ms, and on a shared
+machine such threads time each other out: 1.3k -> 18.8k samples/s once here). Training time is the epoch loop only;
 loading the split into memory is timed apart ("load_s"). Then each scores the test split:
 CTR AUC (all), CTCVR AUC (all), CVR AUC (clicked), exact global AUCs.
 
@@ -61,6 +63,8 @@ sys.path.insert(0, str(HERE))
 # BENCH_CODE_ROOT (set by --ours-from for the "ours-before" child): another checkout's train/
 sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT") or str(ROOT))
 import aliccp_like  # noqa: E402
+
+SHELL_ENV = dict(os.environ)  # before jobs.common (omp_env) sets esmm's OpenMP policy in this process
 
 DIM, HIDDEN, BATCH, LR = 18, (200, 80), 2048, 1e-3
 CONTENDERS = ["ours", "ours-bf16", "ours-ref", "plain", "rechub", "deepctr", "ours-before"]
@@ -391,17 +395,28 @@ def ensure_data(data_dir: str, rows: int, test_rows: int, seed: int, vocab: str,
     return json.loads(m.read_text())
 
 
-def spawn(name: str, py: str, a, omp_active: bool, code_root: str | None = None) -> dict | None:
+def omp_env(env: dict, policy: str) -> dict:
+    """``env`` with the OpenMP wait policy ``--omp`` names (esmm | passive | asis)."""
+    if policy == "asis":
+        return env
+    env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy == "passive":
+        return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    from jobs.common import OMP_SPIN  # this checkout's (a child of another checkout never gets here)
+
+    return {**env, "GOMP_SPINCOUNT": OMP_SPIN}
+
+
+def spawn(name: str, py: str, a, omp: str, code_root: str | None = None) -> dict | None:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [py, __file__, "--child", name, "--child-out", out, "--data", a.data,
            "--epochs", str(a.epochs), "--threads", str(a.threads)]
     t = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": code_root or str(ROOT)}
+    env = {**SHELL_ENV, "PYTHONPATH": code_root or str(ROOT)}
     if code_root:
         env["BENCH_CODE_ROOT"] = code_root
-    if not omp_active:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env = omp_env(env, omp)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
         print(f"{name}: FAILED (exit {proc.returncode}) after {time.perf_counter() - t:.0f}s\n"
@@ -431,9 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-python", default=str(PEERS_PY))
     ap.add_argument("--workers", default="", help="also W data-parallel gloo workers (sharded embedding + DDP), "
                     "e.g. 1,2: bench/train_workers.py on its synthetic batches")
-    ap.add_argument("--omp-active", action="store_true",
-                    help="leave OMP_WAIT_POLICY alone (default: PASSIVE for every contender, so threads that wait "
-                         "sleep instead of spinning: on a shared machine spinning threads time each other out)")
+    ap.add_argument("--omp", choices=("esmm", "passive", "asis"), default="esmm",
+                    help="every contender's OpenMP wait policy: esmm's (spin ~50 us, then sleep), passive (sleep at "
+                         "once) or asis (this shell's)")
     ap.add_argument("--json", default=None, help="also write all results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -471,7 +486,7 @@ def main(argv=None) -> int:
     def ceiling():
         if a.no_ceiling:
             return
-        r = spawn("gemm-ceiling", sys.executable, a, a.omp_active)
+        r = spawn("gemm-ceiling", sys.executable, a, a.omp)
         if r:
             ceilings.append(r)
             print(f"{'GEMM ceiling':12s} {r['samples_per_s_p10']:9,.0f} samples/s (p10 step of the model's matmuls alone: "
@@ -491,7 +506,7 @@ def main(argv=None) -> int:
         if not n.startswith("ours") and not all_single:
             print(f"{n}: skipped, it reads single-valued fields only and {a.data} has multi-valued ones", flush=True)
             continue
-        r = spawn(n, py, a, a.omp_active, os.path.abspath(a.ours_from) if n == "ours-before" else None)
+        r = spawn(n, py, a, a.omp, os.path.abspath(a.ours_from) if n == "ours-before" else None)
         if r is None:
             continue
         results.append(r)
@@ -523,7 +538,7 @@ def main(argv=None) -> int:
     peers = [r for r in results if r["name"] in PEERS]
     refs = {k: max(peers, key=lambda r: r.get(k, 0)) for k, _ in keys} if peers else {}
     print(f"\nESMM dim {DIM}, towers {HIDDEN[0]}-{HIDDEN[1]}-1, batch {BATCH}, {a.threads} threads "
-          f"(OMP_WAIT_POLICY={'as set' if a.omp_active else 'PASSIVE'}), "
+          f"(OpenMP wait: {a.omp}), "
           f"{a.epochs} epoch(s) of {n_train:,} rows, {len(fields)} fields, test {n_test:,} rows.\n"
           "samples/s three ways: wall = rows / training time; p10 step = batch / 10th-percentile step time\n"
           "(steps not preempted: the figure to trust on a shared machine); per CPU-s = rows / process CPU time.\n"

@@ -10,9 +10,14 @@ from typing import Callable, Sequence
 # and hang reconnecting (see README, "Environment"). Spark binds to loopback only for a
 # local master (etl/spark.py): a cluster's executors must reach the driver.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Idle OpenMP threads sleep instead of spinning: beside Ray Data tasks, Spark or a second
-# worker on the same cores, spinning threads starve each other (measured >10x slower).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads (torch's libgomp) spin ~50 us, then sleep. A training step opens ~100
+# parallel regions; threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) are woken for each
+# (18.5 -> 14.2 ms per step here, with less CPU time), while libgomp's own default spins ~3
+# ms, which starves whatever shares the cores (measured >10x slower beside Ray Data tasks).
+# A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; Ray workers sleep at once (ray_trainer).
+OMP_SPIN = "5000"  # libgomp counts ~100k spins per ms
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN)
 
 
 class UsageError(Exception):

@@ -25,7 +25,7 @@ import torch
 
 from train.embedding import FieldConfig
 from train.errors import InputError
-from train.jagged import Batch, KeyedJagged, take_bags
+from train.jagged import Batch, KeyedJagged, take_bags, unit_offsets
 
 LABELS = ("click", "conversion")
 HOLDOUT_SEED = 12345  # validation rows: the same for every model and training seed
@@ -249,7 +249,7 @@ class Columns:
         grid = self._single_grid()
         if grid is not None:  # one gather for all fields, then field-major (a [B, F] transpose)
             values = grid.index_select(0, rows).t().reshape(-1)
-            kjt = KeyedJagged(keys, values, torch.arange(values.numel() + 1), None, rows.numel())
+            kjt = KeyedJagged(keys, values, unit_offsets(values.numel()), None, rows.numel())
             b = Batch(kjt, self.click[rows], self.conversion[rows])
         else:
             b = collate([c.take(rows) for c in self.columns], keys, self.click[rows], self.conversion[rows])

@@ -50,6 +50,12 @@ def _relu_mlp_linears(net: nn.Sequential) -> list[nn.Linear] | None:
     return lins
 
 
+def _col_sums(g: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """``g.sum(0)`` (a bias gradient) as ``g^T 1``: one BLAS gemv, ~10x faster than the sum
+    over dim 0 of a [2048, 400] gradient on CPU here (0.27 -> 0.03 ms); float rounding only."""
+    return torch.mv(g.t(), ones)
+
+
 def _act(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``module(h)``; a ReLU in place on the fresh matmul output (one [B, hidden] tensor less)."""
     return torch.relu_(h) if type(module) is nn.ReLU else module(h)
@@ -102,6 +108,7 @@ class SharedReluTowers(torch.autograd.Function):
         mids, params = saved[3:3 + n_mid], saved[3 + n_mid:]
         W = _weights(params, depth, 0)
         g1 = torch.empty_like(h1)  # every tower's gradient at the fused layer's output
+        ones = h1.new_ones(h1.shape[0])
         out: list[torch.Tensor | None] = [None] * len(params)
         for t in range(T):
             ins = [h1[:, cols[t][0]:cols[t][1]], *mids[t * (depth - 2):(t + 1) * (depth - 2)]]
@@ -110,14 +117,14 @@ class SharedReluTowers(torch.autograd.Function):
             for l in range(depth - 1, 0, -1):
                 h_in, w = ins[l - 1], W[t][l]
                 out[2 * (t * depth + l)] = g.t().mm(h_in)
-                out[2 * (t * depth + l) + 1] = g.sum(0)
+                out[2 * (t * depth + l) + 1] = _col_sums(g, ones)
                 if l == 1:  # into this tower's columns of the fused layer's gradient
                     torch.mm(g, w, out=g1[:, cols[t][0]:cols[t][1]])
                 else:
                     g = _relu_grad(g.mm(w), h_in, 0)
         g1 = _relu_grad(g1, h1, 0)
         # x^T g1, then transposed: the same sums as g1^T x, ~20% faster in MKL at [2048, 414]
-        dw1, db1 = x.t().mm(g1).t().contiguous(), g1.sum(0)
+        dw1, db1 = x.t().mm(g1).t().contiguous(), _col_sums(g1, ones)
         for t in range(T):
             out[2 * t * depth], out[2 * t * depth + 1] = dw1[cols[t][0]:cols[t][1]], db1[cols[t][0]:cols[t][1]]
         gx = g1.mm(w1) if ctx.needs_input_grad[0] else None

@@ -17,6 +17,25 @@ from dataclasses import dataclass
 import torch
 
 
+_UNIT_OFFSETS: dict[int, torch.Tensor] = {}
+
+
+def unit_offsets(n: int) -> torch.Tensor:
+    """``arange(n + 1)``: the offsets of n bags of one value each, one shared tensor per n
+    (never written to), so ``has_unit_offsets`` knows them without reading them."""
+    t = _UNIT_OFFSETS.get(n)
+    if t is None:
+        if len(_UNIT_OFFSETS) >= 8:  # batch sizes x field counts of a run: a handful
+            _UNIT_OFFSETS.clear()
+        t = _UNIT_OFFSETS[n] = torch.arange(n + 1)
+    return t
+
+
+def has_unit_offsets(offsets: torch.Tensor) -> bool:
+    """Whether ``offsets`` is the shared ``unit_offsets`` tensor (False says nothing)."""
+    return _UNIT_OFFSETS.get(offsets.numel() - 1) is offsets
+
+
 @dataclass
 class KeyedJagged:
     keys: list[str]

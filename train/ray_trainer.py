@@ -79,6 +79,15 @@ def _set_auth_mode(mode: str | None) -> None:
         pass
 
 
+def worker_omp_env() -> dict:
+    """The local cluster's workers' OpenMP wait policy: asleep at once (PASSIVE), since they
+    share the cores with Ray Data's read tasks and each other; a user's OMP_WAIT_POLICY
+    wins. (A single-process ``esmm train`` spins briefly instead: jobs/common.py.)"""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+
+
 @contextmanager
 def ray_cluster(address: str | None, num_cpus: int | None = None):
     """Connect to ``address`` (or RAY_ADDRESS, as under ``ray job submit``); with neither,
@@ -107,7 +116,7 @@ def ray_cluster(address: str | None, num_cpus: int | None = None):
     try:
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                        _node_ip_address="127.0.0.1", _temp_dir=tmp, object_store_memory=512 * 2**20,
-                       log_to_driver=True)
+                       log_to_driver=True, runtime_env={"env_vars": worker_omp_env()})
         try:
             yield ctx.address_info["gcs_address"]
         finally:

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.embedding import FieldConfig
-from train.jagged import KeyedJagged
+from train.jagged import KeyedJagged, has_unit_offsets
 from train.shard.comm import exchange, exchange_counts, world_of
 from train.shard.optim import RowWiseOptimizer, make_row_optimizer
+from train.shard.row_kernels import for_tensor
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the init is the same for every world size
 
@@ -211,6 +212,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self.rows_per_rank = local_row_count(self.num_rows, 0, self.world)
         self.rows = init_rows(self.num_rows, dim, self.rank, self.world, init_std, seed)  # [n_local, dim]
         self._dummy = torch.zeros(1, requires_grad=True)  # gives _FetchRows an input that needs grad
+        self._marker: torch.Tensor | None = None  # dedup_single's per-row scratch (all -1 between calls)
         self.pending_grads: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self.serve_log: list[tuple[list[int], torch.Tensor]] | None = None  # tests: (recv_splits, gids)
 
@@ -221,8 +223,9 @@ class ShardedEmbeddingCollection(nn.Module):
         nF, B = len(self.fields), kjt.batch_size
         if kjt.values.numel() != nF * B or nF * B == 0:
             return False
-        # F*B values in F*B bags of length >= 1 means every bag has length 1
-        if int(kjt.lengths().min()) < 1:
+        # F*B values in F*B bags of length >= 1 means every bag has length 1 (known without
+        # a pass over the offsets when they are the shared arange the data loader gives)
+        if not has_unit_offsets(kjt.offsets) and int(kjt.lengths().min()) < 1:
             return False
         return kjt.weights is None or bool((kjt.weights == 1).all())
 
@@ -286,9 +289,16 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
-        field_major = kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)  # [F, B] global ids
-        gids = field_major.t().reshape(-1)  # sample order [B, F]: the order of the output rows
-        uniq, order, starts = dedup_field_major(field_major)
+        fused = for_tensor(self.rows)
+        if fused is not None:  # one pass with a marker per row, no sort (train/shard/row_kernels.py)
+            if self._marker is None:
+                self._marker = torch.full((self.rows.shape[0],), -1, dtype=torch.int32)
+            gids, uniq, order, starts = fused.dedup_single(kjt.values.view(nF, B).long().contiguous(),
+                                                           self.field_offset, self._marker)
+        else:
+            field_major = kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)  # [F, B] global ids
+            gids = field_major.t().reshape(-1)  # sample order [B, F]: the order of the output rows
+            uniq, order, starts = dedup_field_major(field_major)
         if self.serve_log is not None:
             self.serve_log.append(([uniq.numel()], uniq))
         return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)
@@ -316,6 +326,7 @@ class ShardedEmbeddingCollection(nn.Module):
         device = fn(torch.zeros(0)).device  # rows follow the module's device, stay fp32
         self.rows = self.rows.to(device)
         self._dummy = torch.zeros(1, device=device, requires_grad=True)
+        self._marker = None
         self.mean_mask = self.mean_mask.to(device)
         return self
 

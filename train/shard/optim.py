@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from train.errors import InputError
+from train.shard.row_kernels import for_tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.shard.collection import ShardedEmbeddingCollection
@@ -103,6 +104,10 @@ class RowWiseAdagrad(RowWiseOptimizer):
 
     def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
         s = self.row_state["sum"]
+        fused = for_tensor(self.emb.rows)
+        if fused is not None:  # the same update in one prefetched pass (train/shard/row_kernels.py)
+            fused.rowwise_adagrad(self.emb.rows, s, idx, grad.contiguous(), self.lr, self.eps)
+            return
         si = s.index_select(0, idx).add_(grad.square().mean(1))  # [n]
         s.index_copy_(0, idx, si)
         upd = grad / si.sqrt_().add_(self.eps).mul_(-1.0 / self.lr).unsqueeze(1)  # -lr * g / (sqrt(s) + eps)
@@ -147,10 +152,10 @@ class LazyAdam(RowWiseOptimizer):
     def hparams(self) -> dict:
         return {**super().hparams(), "betas": (self.b1, self.b2), "bias_correction": self.bias_correction}
 
-    def _row_scale(self, k: torch.Tensor) -> torch.Tensor:
-        """-lr * sqrt(1 - b2^k) / (1 - b1^k) per row, looked up in a table computed once in
-        float64 (the same values a per-step float64 pow gives). Past the table's end both
-        powers are below float64's resolution next to 1, so its last entry is exact there."""
+    def _scale_table(self) -> torch.Tensor:
+        """-lr * sqrt(1 - b2^k) / (1 - b1^k) for k = 0, 1, ..., computed once in float64 (the
+        same values a per-step float64 pow gives). Past the table's end both powers are
+        below float64's resolution next to 1, so its last entry is exact there."""
         key = (self.lr, self.b1, self.b2)
         if self._scale is None or self._scale_key != key:
             big = max(self.b1, self.b2)  # big^(n-1) < 2^-60: 1 - it rounds to 1 in float64
@@ -158,10 +163,20 @@ class LazyAdam(RowWiseOptimizer):
             t = torch.arange(n, dtype=torch.float64).clamp_(min=1)
             table = (1.0 - torch.pow(self.b2, t)).sqrt_().div_(1.0 - torch.pow(self.b1, t)).mul_(-self.lr)
             self._scale, self._scale_key = table.to(torch.float32).to(self.mv.device), key
-        return self._scale[k.clamp(max=self._scale.numel() - 1)]
+        return self._scale
+
+    def _row_scale(self, k: torch.Tensor) -> torch.Tensor:
+        """The scale of each row's k-th update, looked up in ``_scale_table``."""
+        table = self._scale_table()
+        return table[k.clamp(max=table.numel() - 1)]
 
     def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
         t = self.row_state["row_step"]
+        fused = for_tensor(self.emb.rows)
+        if fused is not None:  # the same update in one prefetched pass (train/shard/row_kernels.py)
+            fused.lazy_adam(self.emb.rows, self.mv, t, idx, grad.contiguous(), self._scales(), self.b1, self.b2,
+                            self.eps)
+            return
         mv = self.mv.index_select(0, idx)  # [n, 2, dim]: the touched rows' m and v, one gather
         mi, vi = mv[:, 0], mv[:, 1]
         mi.lerp_(grad, 1.0 - self.b1)  # b1*m + (1-b1)*g
@@ -171,11 +186,20 @@ class LazyAdam(RowWiseOptimizer):
         t.index_copy_(0, idx, ti)
         upd = torch.div(mi, vi.sqrt().add_(self.eps))  # m / (sqrt(v) + eps)
         if self.bias_correction == "global":
-            k = self.step_count
-            upd.mul_(-self.lr * math.sqrt(1.0 - self.b2**k) / (1.0 - self.b1**k))
+            upd.mul_(self._global_scale())
         else:
             upd.mul_(self._row_scale(ti).unsqueeze(1))
         add_rows(self.emb.rows, idx, upd)
+
+    def _global_scale(self) -> float:
+        k = self.step_count
+        return -self.lr * math.sqrt(1.0 - self.b2**k) / (1.0 - self.b1**k)
+
+    def _scales(self) -> torch.Tensor:
+        """The fused kernel's scale table: per row update count, or one global entry."""
+        if self.bias_correction == "global":
+            return torch.tensor([self._global_scale()], dtype=torch.float32)
+        return self._scale_table()
 
 
 def make_row_optimizer(emb: "ShardedEmbeddingCollection", cfg: dict | None = None) -> RowWiseOptimizer:

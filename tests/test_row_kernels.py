@@ -1,0 +1,70 @@
+"""The fused row kernels (train/shard/row_kernels.py) against the sparse optimizers' torch
+ops: the same rows, moments, step counts and Adagrad sums after many steps, every bias
+correction; and the switch that turns them off. The hand-computed optimizer tests in
+test_shard.py run on whichever path is active (the kernels, where they build)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train.embedding import FieldConfig
+from train.shard import ShardedEmbeddingCollection
+from train.shard import row_kernels
+from train.shard.optim import make_row_optimizer
+
+N_ROWS, DIM = 5_000, 7  # 7: the kernels' inner loop has no SIMD-width multiple to lean on
+
+
+def run(cfg: dict, fused: bool, monkeypatch) -> tuple[torch.Tensor, dict]:
+    """12 optimizer steps on one table from one seed; each step touches ~600 unique rows,
+    half of them rows that earlier steps touched (moments and counts carry over)."""
+    if not fused:
+        monkeypatch.setitem(row_kernels._state, "mod", None)
+    emb = ShardedEmbeddingCollection([FieldConfig("f", "single", N_ROWS)], DIM, init_std=0.1, seed=1)
+    opt = make_row_optimizer(emb, cfg)
+    g = torch.Generator().manual_seed(2)
+    hot = torch.randperm(N_ROWS, generator=g)[:400]
+    for _ in range(12):
+        idx = torch.cat([hot[torch.randperm(400, generator=g)[:300]], torch.randint(0, N_ROWS, (300,), generator=g)])
+        idx = idx.unique()
+        grad = torch.randn(idx.numel(), DIM, generator=g) * torch.rand(idx.numel(), 1, generator=g)
+        emb.pending_grads.append((idx, grad, True))
+        opt.step()
+    monkeypatch.undo()
+    return emb.rows.clone(), {k: v.clone() for k, v in opt.state_dict()["rows"].items()}
+
+
+@pytest.mark.parametrize("cfg", [
+    {"sparse_optimizer": "adam", "sparse_lr": 0.01},
+    {"sparse_optimizer": "adam", "sparse_lr": 0.01, "sparse_bias_correction": "global", "betas": (0.8, 0.99)},
+    {"sparse_optimizer": "adagrad", "sparse_lr": 0.1},
+], ids=["adam-row", "adam-global", "adagrad"])
+def test_fused_update_equals_torch_ops(cfg, monkeypatch):
+    assert row_kernels.kernels() is not None, "the fused row kernels did not build here (g++ and ninja are present)"
+    rows_k, state_k = run(cfg, True, monkeypatch)
+    rows_t, state_t = run(cfg, False, monkeypatch)
+    assert not torch.equal(rows_t, ShardedEmbeddingCollection([FieldConfig("f", "single", N_ROWS)], DIM, 0.1,
+                                                              seed=1).rows)  # the steps moved rows
+    # float rounding only: torch's lerp is one fused multiply-add (the kernel rounds twice)
+    # and its mean sums in another order; a wrong row, count or scale differs by O(1)
+    torch.testing.assert_close(rows_k, rows_t, rtol=0, atol=2e-7)
+    assert state_k.keys() == state_t.keys()
+    for name in state_t:
+        if state_t[name].is_floating_point():
+            torch.testing.assert_close(state_k[name], state_t[name], rtol=1e-5, atol=1e-7)
+        else:  # per-row update counts: exactly
+            assert torch.equal(state_k[name], state_t[name])
+
+
+def test_off_switch_and_other_devices():
+    out = subprocess.run([sys.executable, "-c",
+                          "import torch; from train.shard import row_kernels as k; "
+                          "print(k.kernels() is None, k.for_tensor(torch.zeros(2, 2)) is None)"],
+                         env={**os.environ, "ESMM_ROW_KERNELS": "off"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+    assert row_kernels.for_tensor(torch.zeros(2, 2, dtype=torch.float64)) is None  # float32 rows only
