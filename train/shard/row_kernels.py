@@ -201,8 +201,8 @@ def _ninja_on_path() -> None:
 
 
 def kernels():
-    """The built extension (``lazy_adam``, ``rowwise_adagrad``), or None: switched off,
-    or not buildable here (said once on stderr)."""
+    """The built extension (``lazy_adam``, ``rowwise_adagrad``, ``dedup_single``), or None:
+    switched off, or not buildable here (said once on stderr)."""
     if "mod" in _state:
         return _state["mod"]
     mod, why = None, None
@@ -213,13 +213,13 @@ def kernels():
             from torch.utils.cpp_extension import load_inline
 
             _ninja_on_path()
-
             mod = load_inline(_NAME, cpp_sources=_SOURCE, functions=["lazy_adam", "rowwise_adagrad", "dedup_single"],
                               extra_cflags=["-O3", "-fopenmp"], verbose=False)
         except Exception as e:  # noqa: BLE001  (no compiler, no ninja, read-only cache: torch ops instead)
             why = f"not built: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
     if mod is None and why != "ESMM_ROW_KERNELS=off":
-        print(f"esmm: fused row kernels off ({why}); the sparse optimizers use torch ops", file=sys.stderr, flush=True)
+        print(f"esmm: fused row kernels off ({why}); the embedding's dedup and sparse optimizers use torch ops",
+              file=sys.stderr, flush=True)
     _state["mod"] = mod
     return mod
 
