@@ -11,6 +11,8 @@ from train.jagged import KeyedJagged
 from train.shard import ShardedEmbeddingCollection
 from train.shard.collection import dedup_field_major
 
+from test_row_kernels import needs_kernels
+
 FIELDS = [FieldConfig("user", "single", 41), FieldConfig("item", "single", 7, "mean"),
           FieldConfig("ctx", "single", 3)]  # ctx: every id repeats many times
 DIM, B = 5, 64
@@ -82,6 +84,7 @@ def test_dedup_by_field_sorts_is_one_stable_sort_of_the_sample_order():
         assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]]))
 
 
+@needs_kernels
 def test_fused_dedup_groups_like_the_stable_sort():
     """row_kernels.dedup_single: the same groups of positions as dedup_field_major (each
     ascending; the groups' order is free); the marker left all -1; a bad id refused."""
