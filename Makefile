@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
 	$(VENV)/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda or 'none (CPU build)')"
 	@# the fused row kernels, built once (g++, ninja); without them training uses torch ops
-	$(VENV)/bin/python -c "from train.shard.row_kernels import kernels; print('esmm row kernels:', 'built' if kernels() else 'not built')"
+	$(VENV)/bin/python -c "from train.shard.row_kernels import build; build()"
 	@touch $(STAMP)
 
 venv: $(STAMP)

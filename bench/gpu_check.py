@@ -73,6 +73,16 @@ def profile_steps(step, n: int, use_cuda: bool) -> None:
     print(avgs.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
 
 
+def build_model(fields, args, device, group, precision: str):
+    """The model as a Ray Train worker sets it up: seeded rows and towers on ``device``,
+    fused towers, bf16 autocast when ``precision`` is bf16. Returns (model, precision)."""
+    torch.manual_seed(args.seed)
+    cfg = EsmmConfig(dim=args.dim, sparse_optimizer=args.optimizer, tower_precision=precision)
+    model = ESMM(fields, cfg, embedding_factory=lambda fs, d: ShardedEmbeddingCollection(fs, d, group=group))
+    model.to(device)
+    return model, prepare_towers(model, precision, device.type, announce=False)
+
+
 def compare_cpu(fields, args, device, host) -> dict:
     """``args.compare_cpu`` fp32 steps of one model from one seed on the same batches, on the
     CPU and on ``device``: the largest relative difference over every state-dict tensor
@@ -80,11 +90,7 @@ def compare_cpu(fields, args, device, host) -> dict:
     devices' kernels, and Adam divides by sqrt(v), so differences grow with the steps; a
     wrong gather, dedup or row update shows up as O(1)."""
     def run(dev):
-        torch.manual_seed(args.seed)
-        cfg = EsmmConfig(dim=args.dim, sparse_optimizer=args.optimizer, tower_precision="fp32")
-        model = ESMM(fields, cfg, embedding_factory=lambda fs, d: ShardedEmbeddingCollection(fs, d, group=None))
-        model.to(dev)
-        prepare_towers(model, "fp32", dev.type, announce=False)
+        model, _ = build_model(fields, args, dev, None, "fp32")
         opts = model.make_optimizers()
         losses = [train_step(model, to_device(host[i % len(host)], dev), opts, None, apply_view=False)
                   for i in range(args.compare_cpu)]
@@ -138,12 +144,7 @@ def main(argv=None) -> int:
 
     fields = bench_fields(args.scale)
     group = shard_group()  # None at world 1: the same code, no exchanges
-    cfg = EsmmConfig(dim=args.dim, sparse_optimizer=args.optimizer)
-    torch.manual_seed(args.seed)
-    model = ESMM(fields, cfg, embedding_factory=lambda fs, d: ShardedEmbeddingCollection(fs, d, group=group))
-    model.to(device)
-    # what a Ray Train worker does: fused towers, bf16 autocast unless fp32 is asked for
-    precision = prepare_towers(model, "fp32" if args.no_bf16 else "bf16", device.type, announce=False)
+    model, precision = build_model(fields, args, device, group, "fp32" if args.no_bf16 else "bf16")
     model.dense = DDP(model.dense, device_ids=[device.index] if use_cuda else None)
     opts = model.make_optimizers()
     emb = model.embeddings[0]

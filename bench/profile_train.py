@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         n_prof = min(a.steps, 20)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get("PROFILE_SHAPES"))) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in steps(n_prof):
                 pass
         avgs = prof.key_averages()

@@ -18,8 +18,7 @@ from train.shard.optim import make_row_optimizer
 
 # ESMM_ROW_KERNELS=off (the torch-ops path, on purpose) skips the kernel comparisons; else
 # the kernels must build here (g++ and ninja are present)
-needs_kernels = pytest.mark.skipif(os.environ.get("ESMM_ROW_KERNELS", "").lower() in ("0", "off", "false", "no"),
-                                   reason="ESMM_ROW_KERNELS=off")
+needs_kernels = pytest.mark.skipif(row_kernels.switched_off(), reason="ESMM_ROW_KERNELS=off")
 N_ROWS, DIM = 5_000, 7  # 7: the kernels' inner loop has no SIMD-width multiple to lean on
 
 

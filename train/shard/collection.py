@@ -32,8 +32,9 @@ Row gradients are averaged over ranks exactly as DDP averages dense gradients, s
 per-rank mean loss trains like the mean over the global batch.
 
 World size 1 (``group=None``) is the same code with the exchanges skipped; it is the
-production single-process path, so it is kept lean (one ``torch.unique``, one
-embedding_bag over the unique rows, an update of the unique rows only).
+production single-process path, so it is kept lean (one dedup, by the fused
+``dedup_single`` kernel or by F small sorts; one embedding_bag over the unique rows; an
+update of the unique rows only).
 """
 from __future__ import annotations
 

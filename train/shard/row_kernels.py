@@ -200,13 +200,18 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
+def switched_off() -> bool:
+    """``ESMM_ROW_KERNELS`` is off (0, off, false, no): torch ops on purpose."""
+    return os.environ.get("ESMM_ROW_KERNELS", "auto").lower() in ("0", "off", "false", "no")
+
+
 def kernels():
     """The built extension (``lazy_adam``, ``rowwise_adagrad``, ``dedup_single``), or None:
     switched off, or not buildable here (said once on stderr)."""
     if "mod" in _state:
         return _state["mod"]
     mod, why = None, None
-    if os.environ.get("ESMM_ROW_KERNELS", "auto").lower() in ("0", "off", "false", "no"):
+    if switched_off():
         why = "ESMM_ROW_KERNELS=off"
     else:
         try:
@@ -231,12 +236,13 @@ class _Named:
     def __init__(self, mod):
         self._mod = mod
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # first use of a name only: the wrapper is kept as an attribute
         fn = getattr(self._mod, name)
 
         def call(*args):
             with torch.profiler.record_function(f"{_NAME}::{name}"):
                 return fn(*args)
+        setattr(self, name, call)
         return call
 
 
@@ -245,5 +251,14 @@ def for_tensor(t: torch.Tensor):
     if t.device.type != "cpu" or t.dtype != torch.float32:
         return None
     mod = kernels()
-    return None if mod is None else _state.setdefault("named", _Named(mod))
+    if mod is None:
+        return None
+    if "named" not in _state:
+        _state["named"] = _Named(mod)
+    return _state["named"]
+
+
+def build() -> None:
+    """Build (or load) the kernels now and say which (``make venv``, the Ray image)."""
+    print("esmm row kernels:", "built" if kernels() is not None else "not built")
 
