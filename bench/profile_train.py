@@ -11,6 +11,10 @@ machine. Then, with ``--torch-profile``, the self CPU time per step by kind of o
 
     .venv/bin/python bench/profile_train.py --steps 40 [--torch-profile] [--plain]
     BENCH_CODE_ROOT=OLD_CHECKOUT .venv/bin/python bench/profile_train.py ...   # "before"
+    ESMM_MALLOC=default .venv/bin/python bench/profile_train.py ...   # glibc's malloc defaults
+
+It runs under train/malloc.py's settings, as ``esmm train`` does (a "before" checkout's
+too), and prints the page faults and system CPU time per step.
 """
 from __future__ import annotations
 
@@ -75,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-profile", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    import same_malloc
+
+    same_malloc.apply()  # as train.loop.fit does (this checkout's settings, a "before" checkout's run too)
     if not (Path(a.data) / "manifest.json").is_file():
         aliccp_like.write_shards(aliccp_like.make(a.rows, 1000, 0), a.data)
     m = load_manifest(a.data)
@@ -155,7 +162,11 @@ def main(argv=None) -> int:
     for _ in steps(a.warmup):
         pass
     names = list(phases)
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     dts = np.array(list(steps(a.steps)))  # [steps, 8]
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     mins, meds = dts[:, :4].min(0), np.median(dts[:, :4], 0)
     cmins, cmeds = dts[:, 4:].min(0), np.median(dts[:, 4:], 0)
     what = "plain loop (bench/train.py)" if a.plain else \
@@ -167,6 +178,9 @@ def main(argv=None) -> int:
     print(f"  {'step':14s} {1000 * mins.sum():8.2f} {1000 * meds.sum():10.2f} {1000 * cmins.sum():11.2f} "
           f"{1000 * cmeds.sum():14.2f}   -> {2048 / mins.sum():,.0f} samples/s from the wall minima, "
           f"{2048 / meds.sum():,.0f} from the medians, {2048 / cmeds.sum():,.0f} per CPU-s (medians)")
+    print(f"  page faults {(ru1.ru_minflt - ru0.ru_minflt) / a.steps:,.0f} and system CPU "
+          f"{1000 * (ru1.ru_stime - ru0.ru_stime) / a.steps:.2f} ms per step (malloc: "
+          f"{'glibc defaults' if os.environ.get('ESMM_MALLOC', '').lower() == 'default' else 'train/malloc.py'})")
     if a.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 

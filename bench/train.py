@@ -25,7 +25,9 @@ contenders in the interpreter running this script. Every child gets the OpenMP w
 the ``esmm`` jobs run with (``--omp esmm``, default: spin ~50 us, then sleep; jobs/common.py),
 or ``--omp passive`` (sleep at once; the policy of the figures before the fourth session
 of 2026-12-04), or ``--omp asis`` (this shell's; libgomp's own default spins ~3 ms, and on a shared
-machine such threads time each other out: 1.3k -> 18.8k samples/s once here). Training time is the epoch loop only;
+machine such threads time each other out: 1.3k -> 18.8k samples/s once here), and the malloc
+settings ``esmm train`` uses (``--malloc esmm``, default: train/malloc.py) or glibc's own
+(``--malloc default``; every figure before the fifth session of 2026-12-04). Training time is the epoch loop only;
 loading the split into memory is timed apart ("load_s"). Then each scores the test split:
 CTR AUC (all), CTCVR AUC (all), CVR AUC (clicked), exact global AUCs.
 
@@ -350,6 +352,9 @@ RUNNERS = {"ours": run_ours, "ours-before": run_ours, "ours-ref": lambda d, e, t
 
 
 def child(name: str, data_dir: str, epochs: int, threads: int, out: str) -> None:
+    import same_malloc
+
+    same_malloc.apply()  # every contender, the ceiling too, under the same malloc settings (--malloc)
     if name == "gemm-ceiling":
         Path(out).write_text(json.dumps(run_ceiling(data_dir, threads)))
         return
@@ -407,6 +412,13 @@ def omp_env(env: dict, policy: str) -> dict:
     return {**env, "GOMP_SPINCOUNT": OMP_SPIN}
 
 
+def malloc_env(env: dict, policy: str) -> dict:
+    """``env`` with the malloc settings ``--malloc`` names: esmm's (train/malloc.py; the user's
+    own ``MALLOC_*`` / ``GLIBC_TUNABLES`` dropped) or glibc's defaults."""
+    env = {k: v for k, v in env.items() if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "ESMM_MALLOC"))}
+    return {**env, "ESMM_MALLOC": "default"} if policy == "default" else env
+
+
 def spawn(name: str, py: str, a, omp: str, code_root: str | None = None) -> dict | None:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -416,7 +428,13 @@ def spawn(name: str, py: str, a, omp: str, code_root: str | None = None) -> dict
     env = {**SHELL_ENV, "PYTHONPATH": code_root or str(ROOT)}
     if code_root:
         env["BENCH_CODE_ROOT"] = code_root
-    env = omp_env(env, omp)
+        if (Path(code_root) / "train" / "shard" / "row_kernels.py").is_file():
+            # another checkout's kernels: their own build folder (alternating sources in one
+            # folder rebuilds each time), built before the run, not in its first timed step
+            env["TORCH_EXTENSIONS_DIR"] = str(Path(tempfile.gettempdir()) / f"esmm-ext-{Path(code_root).name}")
+            subprocess.run([py, "-c", "from train.shard import row_kernels; row_kernels.build()"], env=env,
+                           cwd=code_root, check=False)  # cwd: python -c puts it first on sys.path
+    env = malloc_env(omp_env(env, omp), a.malloc)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
         print(f"{name}: FAILED (exit {proc.returncode}) after {time.perf_counter() - t:.0f}s\n"
@@ -449,6 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--omp", choices=("esmm", "passive", "asis"), default="esmm",
                     help="every contender's OpenMP wait policy: esmm's (spin ~50 us, then sleep), passive (sleep at "
                          "once) or asis (this shell's)")
+    ap.add_argument("--malloc", choices=("esmm", "default"), default="esmm",
+                    help="every contender's malloc settings: esmm's (train/malloc.py: a step's tensors stay in the "
+                         "heap) or glibc's defaults")
     ap.add_argument("--json", default=None, help="also write all results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -538,7 +559,7 @@ def main(argv=None) -> int:
     peers = [r for r in results if r["name"] in PEERS]
     refs = {k: max(peers, key=lambda r: r.get(k, 0)) for k, _ in keys} if peers else {}
     print(f"\nESMM dim {DIM}, towers {HIDDEN[0]}-{HIDDEN[1]}-1, batch {BATCH}, {a.threads} threads "
-          f"(OpenMP wait: {a.omp}), "
+          f"(OpenMP wait: {a.omp}, malloc: {a.malloc}), "
           f"{a.epochs} epoch(s) of {n_train:,} rows, {len(fields)} fields, test {n_test:,} rows.\n"
           "samples/s three ways: wall = rows / training time; p10 step = batch / 10th-percentile step time\n"
           "(steps not preempted: the figure to trust on a shared machine); per CPU-s = rows / process CPU time.\n"

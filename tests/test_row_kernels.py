@@ -72,3 +72,47 @@ def test_off_switch_and_other_devices():
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
     assert row_kernels.for_tensor(torch.zeros(2, 2, dtype=torch.float64)) is None  # float32 rows only
+
+
+@needs_kernels
+@pytest.mark.parametrize("cfg", [{"sparse_optimizer": "adam", "sparse_lr": 0.01},
+                                 {"sparse_optimizer": "adagrad", "sparse_lr": 0.1}], ids=["adam", "adagrad"])
+def test_grouped_gradients_summed_in_the_kernel_as_embedding_bag_sums_them(cfg):
+    """World size 1 leaves the rows' gradients unsummed (GroupedGrads: every sample's row and
+    the dedup's groups); the kernels sum each group in their pass. Bit for bit what the
+    same kernels do with embedding_bag's sums, over steps that carry state over."""
+    from train.shard.collection import dedup_field_major
+    from train.shard.optim import GroupedGrads
+
+    assert row_kernels.kernels() is not None
+    out = []
+    for grouped in (True, False):
+        emb = ShardedEmbeddingCollection([FieldConfig("f", "single", N_ROWS)], DIM, init_std=0.1, seed=1)
+        opt = make_row_optimizer(emb, cfg)
+        g = torch.Generator().manual_seed(4)
+        for _ in range(6):
+            ids = torch.randint(0, 900, (3, 400), generator=g) + torch.tensor([[0], [1500], [3000]])  # [F, B]
+            uniq, order, starts = dedup_field_major(ids)
+            samples = torch.randn(ids.numel(), DIM, generator=g)
+            gg = GroupedGrads(samples, order, starts)
+            emb.pending_grads.append((uniq, gg if grouped else gg.sum(), True))
+            opt.step()
+        out.append((emb.rows.clone(), opt.state_dict()["rows"]))
+    (rows_g, state_g), (rows_s, state_s) = out
+    assert torch.equal(rows_g, rows_s)
+    for name in state_s:
+        assert torch.equal(state_g[name], state_s[name]), name
+
+
+def test_grouped_gradients_sum_to_the_index_add_of_the_samples():
+    """GroupedGrads.sum() (the torch ops' path) is each unique row's index_add_ of its samples."""
+    from train.shard.collection import dedup_field_major
+    from train.shard.optim import GroupedGrads
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 50, (2, 300), generator=g) + torch.tensor([[0], [50]])
+    uniq, order, starts = dedup_field_major(ids)
+    samples = torch.randn(ids.numel(), DIM, generator=g)
+    sample_ids = ids.t().reshape(-1)
+    want = torch.zeros(100, DIM).index_add_(0, sample_ids, samples)[uniq]
+    torch.testing.assert_close(GroupedGrads(samples, order, starts).sum(), want, rtol=1e-6, atol=1e-6)

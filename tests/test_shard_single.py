@@ -107,11 +107,15 @@ def test_fused_dedup_groups_like_the_stable_sort():
         want = {int(u): r_order[s:e].tolist() for u, s, e in zip(r_uniq, r_starts, r_ends)}
         got = {int(u): order[s:e].tolist() for u, s, e in zip(uniq, starts, ends)}
         assert got == want
+        first_seen = [gid for f in range(len(FIELDS)) for gid in dict.fromkeys(grid[f].tolist())]
+        assert uniq.tolist() == first_seen  # field by field, as each id first occurs
         assert bool((marker == -1).all())
-    vals[1, 0] = FIELDS[1].vocab_size + 10**6  # outside the table
-    try:
-        k.dedup_single(vals, offset, marker)
-        raise AssertionError("an id outside the table was accepted")
-    except RuntimeError as e:
-        assert "outside the table" in str(e)
-    assert bool((marker == -1).all())
+    for f, bad in ((1, FIELDS[1].vocab_size + 10**6), (0, FIELDS[0].vocab_size), (1, -1)):  # the second: field 1's row
+        wrong = vals.clone()
+        wrong[f, 7] = bad
+        try:
+            k.dedup_single(wrong, offset, marker)
+            raise AssertionError(f"id {bad} of field {f} was accepted")
+        except RuntimeError as e:
+            assert f"embedding id {bad} of field {f} outside its table" in str(e) and "(batch row 7)" in str(e)
+        assert bool((marker == -1).all())

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from train.jagged import Batch
+from train.malloc import keep_step_memory
 
 
 @dataclass
@@ -101,6 +102,7 @@ def fit(model, train_batches_fn: Callable[[int, int], Iterable[Batch]],
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_step_memory()  # a step's few-MB tensors reuse the heap, no page faults per step (train/malloc.py)
     optimizers = optimizers if optimizers is not None else model.make_optimizers()
     st = {"epoch": 0, "step": 0, "global_step": 0, "history": [], "best_val_loss": math.inf,
           "best_epoch": -1, "bad_epochs": 0, "stopped_early": False, "best_model": None,

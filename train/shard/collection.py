@@ -33,8 +33,9 @@ per-rank mean loss trains like the mean over the global batch.
 
 World size 1 (``group=None``) is the same code with the exchanges skipped; it is the
 production single-process path, so it is kept lean (one dedup, by the fused
-``dedup_single`` kernel or by F small sorts; one embedding_bag over the unique rows; an
-update of the unique rows only).
+``dedup_single`` kernel or by F small sorts; one gather into sample order; each unique
+row's gradient summed from its samples' rows by the fused optimizer kernel as it updates
+the row, else by one embedding_bag; an update of the unique rows only).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from torch import nn
 from train.embedding import FieldConfig
 from train.jagged import KeyedJagged, has_unit_offsets
 from train.shard.comm import exchange, exchange_counts, world_of
-from train.shard.optim import RowWiseOptimizer, make_row_optimizer
+from train.shard.optim import GroupedGrads, RowWiseOptimizer, make_row_optimizer, summed
 from train.shard.row_kernels import for_tensor
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the init is the same for every world size
@@ -127,10 +128,11 @@ class _FetchRows(torch.autograd.Function):
 
 class _GatherSingle(torch.autograd.Function):
     """World size 1, every bag one value: one gather from the table straight into sample
-    order (no [U, dim] intermediate). Backward sums each unique row's gradient once with an
-    embedding_bag over the gradient rows, grouped by the sort that deduplicated the ids
-    (``order``, ``starts``): the same sums, in the same order, as index_select's backward
-    (an index_add_), ~3x faster on CPU."""
+    order (no [U, dim] intermediate). Backward leaves each unique row's gradient unsummed:
+    the sample-order gradient rows and the dedup's groups (``order``, ``starts``) wait as
+    ``GroupedGrads``; the fused optimizer kernels sum each group in the pass that updates
+    its row, the torch ops with an embedding_bag. Either way the same sums, in the same
+    order, as index_select's backward (an index_add_)."""
 
     @staticmethod
     def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, order, starts, sample_gids):
@@ -139,9 +141,8 @@ class _GatherSingle(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
-        rows = F.embedding_bag(ctx.order, grad, ctx.starts, mode="sum")  # [U, dim]
-        ctx.emb.pending_grads.append((ctx.uniq, rows, True))
+        grad = grad.reshape(-1, grad.shape[-1])
+        ctx.emb.pending_grads.append((ctx.uniq, GroupedGrads(grad, ctx.order, ctx.starts), True))
         return None, None, None, None, None, None
 
 
@@ -214,7 +215,8 @@ class ShardedEmbeddingCollection(nn.Module):
         self.rows = init_rows(self.num_rows, dim, self.rank, self.world, init_std, seed)  # [n_local, dim]
         self._dummy = torch.zeros(1, requires_grad=True)  # gives _FetchRows an input that needs grad
         self._marker: torch.Tensor | None = None  # dedup_single's per-row scratch (all -1 between calls)
-        self.pending_grads: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        # (rows, their gradients: summed, or GroupedGrads, rows unique?) of each backward
+        self.pending_grads: list[tuple[torch.Tensor, torch.Tensor | GroupedGrads, bool]] = []
         self.serve_log: list[tuple[list[int], torch.Tensor]] | None = None  # tests: (recv_splits, gids)
 
     # -- the three steps -------------------------------------------------------
@@ -305,15 +307,16 @@ class ShardedEmbeddingCollection(nn.Module):
         return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)
 
     # -- optimizer side --------------------------------------------------------
-    def take_grads(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(unique local rows, summed gradients) of every backward since the last step."""
+    def take_grads(self, grouped: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | GroupedGrads | None]:
+        """(unique local rows, summed gradients) of every backward since the last step; with
+        ``grouped``, a single backward's ``GroupedGrads`` come as they are (unsummed)."""
         pending, self.pending_grads = self.pending_grads, []
         if not pending:
             return None, None
         if len(pending) == 1 and pending[0][2]:
-            return pending[0][0], pending[0][1]
+            return pending[0][0], pending[0][1] if grouped else summed(pending[0][1])
         idx = torch.cat([p[0] for p in pending])
-        grad = torch.cat([p[1] for p in pending])
+        grad = torch.cat([summed(p[1]) for p in pending])
         uniq, inv = torch.unique(idx, return_inverse=True)
         return uniq, grad.new_zeros(uniq.numel(), self.dim).index_add_(0, inv, grad)
 

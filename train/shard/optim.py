@@ -19,15 +19,44 @@ Config keys (``make_optimizer(cfg)``): ``sparse_optimizer`` (adam | adagrad),
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from train.errors import InputError
 from train.shard.row_kernels import for_tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.shard.collection import ShardedEmbeddingCollection
+
+
+class GroupedGrads(NamedTuple):
+    """The touched rows' gradients before they are summed: every sample's gradient row
+    (``samples`` [P, dim], sample order) and the positions of each unique row's samples
+    (``order[starts[u]:starts[u + 1]]``, from the dedup). The fused kernels sum each group
+    in the pass that updates its row; ``sum()`` gives the [U, dim] sums for the torch ops."""
+
+    samples: torch.Tensor
+    order: torch.Tensor
+    starts: torch.Tensor
+
+    def sum(self) -> torch.Tensor:
+        return F.embedding_bag(self.order, self.samples, self.starts, mode="sum")  # [U, dim]
+
+
+def summed(grad: "torch.Tensor | GroupedGrads") -> torch.Tensor:
+    """[U, dim] row gradients, summing the groups when they are not summed yet."""
+    return grad.sum() if isinstance(grad, GroupedGrads) else grad
+
+
+def kernel_grads(grad: "torch.Tensor | GroupedGrads") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad, order, starts) as the fused kernels take them: empty order and starts when the
+    rows' gradients are summed already."""
+    if isinstance(grad, GroupedGrads):
+        return grad.samples.contiguous(), grad.order, grad.starts
+    none = torch.empty(0, dtype=torch.long)
+    return grad.contiguous(), none, none
 
 
 def add_rows(rows: torch.Tensor, idx: torch.Tensor, upd: torch.Tensor) -> None:
@@ -55,14 +84,15 @@ class RowWiseOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        idx, grad = self.emb.take_grads()
+        idx, grad = self.emb.take_grads(grouped=True)
         if idx is None:  # no backward reached the table (a step of blank rows only): no step
             return
         self.step_count += 1
         if idx.numel():
             self._update(idx, grad)
 
-    def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:  # pragma: no cover
+    def _update(self, idx: torch.Tensor, grad: "torch.Tensor | GroupedGrads") -> None:  # pragma: no cover
+        """Update rows ``idx`` (unique) with their gradients (summed, or GroupedGrads)."""
         raise NotImplementedError
 
     def hparams(self) -> dict:
@@ -102,12 +132,13 @@ class RowWiseAdagrad(RowWiseOptimizer):
         super().__init__(emb, lr, eps)
         self.row_state["sum"] = torch.zeros(emb.rows.shape[0], dtype=torch.float32, device=emb.rows.device)
 
-    def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
+    def _update(self, idx: torch.Tensor, grad: "torch.Tensor | GroupedGrads") -> None:
         s = self.row_state["sum"]
         fused = for_tensor(self.emb.rows)
         if fused is not None:  # the same update in one prefetched pass (train/shard/row_kernels.py)
-            fused.rowwise_adagrad(self.emb.rows, s, idx, grad.contiguous(), self.lr, self.eps)
+            fused.rowwise_adagrad(self.emb.rows, s, idx, *kernel_grads(grad), self.lr, self.eps)
             return
+        grad = summed(grad)
         si = s.index_select(0, idx).add_(grad.square().mean(1))  # [n]
         s.index_copy_(0, idx, si)
         upd = grad / si.sqrt_().add_(self.eps).mul_(-1.0 / self.lr).unsqueeze(1)  # -lr * g / (sqrt(s) + eps)
@@ -170,13 +201,14 @@ class LazyAdam(RowWiseOptimizer):
         table = self._scale_table()
         return table[k.clamp(max=table.numel() - 1)]
 
-    def _update(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
+    def _update(self, idx: torch.Tensor, grad: "torch.Tensor | GroupedGrads") -> None:
         t = self.row_state["row_step"]
         fused = for_tensor(self.emb.rows)
         if fused is not None:  # the same update in one prefetched pass (train/shard/row_kernels.py)
-            fused.lazy_adam(self.emb.rows, self.mv, t, idx, grad.contiguous(), self._scales(), self.b1, self.b2,
+            fused.lazy_adam(self.emb.rows, self.mv, t, idx, *kernel_grads(grad), self._scales(), self.b1, self.b2,
                             self.eps)
             return
+        grad = summed(grad)
         mv = self.mv.index_select(0, idx)  # [n, 2, dim]: the touched rows' m and v, one gather
         mi, vi = mv[:, 0], mv[:, 1]
         mi.lerp_(grad, 1.0 - self.b1)  # b1*m + (1-b1)*g

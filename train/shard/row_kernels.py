@@ -7,9 +7,12 @@ on tables far larger than the cache each gather and scatter waits on memory row 
 touched row once, update m, v, the step count and the row in registers, and prefetch the
 rows a dozen indices ahead, so the memory waits overlap (~0.55 ms). Same formulas, same
 float32 operations in the same order as ``train.shard.optim``'s torch path, up to the
-rounding of ``lerp``. ``dedup_single`` deduplicates an all-single batch at world size 1
-with a marker per row instead of a sort (the same groups of positions). Both are tested
-against the torch ops (tests/test_row_kernels.py, tests/test_shard_single.py).
+rounding of ``lerp``. At world size 1 they also sum each row's gradient from the samples'
+gradient rows (``GroupedGrads``) in the same pass, the sums an embedding_bag gives, bit
+for bit, without writing them out. ``dedup_single`` deduplicates an all-single batch at
+world size 1 with a marker per row instead of a sort (the same groups of positions). All
+are tested against the torch ops (tests/test_row_kernels.py,
+tests/test_shard_single.py).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~25 s
 once per machine, cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``;
@@ -40,7 +43,7 @@ static constexpr int64_t AHEAD = 12;
 static void check(const torch::Tensor& rows, const torch::Tensor& idx, const torch::Tensor& grad) {
   TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == at::kFloat && rows.dim() == 2, "rows: contiguous float [N, d]");
   TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong, "idx: contiguous int64");
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == at::kFloat && grad.size(0) == idx.numel()
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == at::kFloat && grad.dim() == 2
               && grad.size(1) == rows.size(1), "grad: contiguous float [n, d]");
 }
 
@@ -48,12 +51,49 @@ static inline void fetch(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 1);
 }
 
+// The gradient of each touched row: grad[i] ([n, d]), or, when order and starts are given
+// (dedup_single's groups), the sum of its samples' gradient rows grad[order[starts[i]] ..]
+// ([P, d], sample order): summed here in the pass that updates the row, from 0 in the
+// group's order, the sums embedding_bag(order, grad, starts) gives, without writing them.
+struct RowGrads {
+  const float* G;
+  const int64_t* Or = nullptr;
+  const int64_t* St = nullptr;
+  int64_t n, P, d;
+
+  RowGrads(const torch::Tensor& grad, const torch::Tensor& order, const torch::Tensor& starts, int64_t n_rows)
+      : G(grad.data_ptr<float>()), n(n_rows), P(grad.size(0)), d(grad.size(1)) {
+    if (order.numel() == 0) {
+      TORCH_CHECK(P == n, "grad: one row per touched row");
+      return;
+    }
+    TORCH_CHECK(order.is_contiguous() && order.scalar_type() == at::kLong && order.numel() == P
+                && starts.is_contiguous() && starts.scalar_type() == at::kLong && starts.numel() == n,
+                "order [P] and starts [n]: int64, the groups of grad's P rows");
+    Or = order.data_ptr<int64_t>();
+    St = starts.data_ptr<int64_t>();
+  }
+
+  inline const float* row(int64_t i, float* buf) const {
+    if (Or == nullptr) return G + i * d;
+    const int64_t end = i + 1 < n ? St[i + 1] : P;
+    for (int64_t j = 0; j < d; ++j) buf[j] = 0.0f;
+    for (int64_t k = St[i]; k < end; ++k) {
+      if (k + 2 * AHEAD < P) fetch(G + Or[k + 2 * AHEAD] * d, d * sizeof(float));  // the groups run through order in turn
+      const float* s = G + Or[k] * d;
+      for (int64_t j = 0; j < d; ++j) buf[j] += s[j];
+    }
+    return buf;
+  }
+};
+
 // Lazy Adam. mv [N, 2, d]: m and v side by side; step [N] int32; scale [S] float:
 // -lr * sqrt(1 - b2^k) / (1 - b1^k) for k = 0..S-1 (row bias correction; the last entry
 // serves every later k), or one entry (global bias correction).
 void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::Tensor idx, torch::Tensor grad,
-               torch::Tensor scale, double b1, double b2, double eps) {
+               torch::Tensor order, torch::Tensor starts, torch::Tensor scale, double b1, double b2, double eps) {
   check(rows, idx, grad);
+  const RowGrads grads(grad, order, starts, idx.numel());
   const int64_t n = idx.numel(), d = rows.size(1), ns = scale.numel();
   TORCH_CHECK(mv.is_contiguous() && mv.numel() == 2 * rows.numel() && step.is_contiguous()
               && step.scalar_type() == at::kInt && step.numel() == rows.size(0) && ns > 0, "optimizer state");
@@ -61,12 +101,12 @@ void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::
   float* MV = mv.data_ptr<float>();
   int32_t* K = step.data_ptr<int32_t>();
   const int64_t* I = idx.data_ptr<int64_t>();
-  const float* G = grad.data_ptr<float>();
   const float* T = scale.data_ptr<float>();
   // the weights as the torch ops take them: the double 1 - b rounded to float once
   const float w1 = static_cast<float>(1.0 - b1), fb2 = static_cast<float>(b2);
   const float w2 = static_cast<float>(1.0 - b2), feps = static_cast<float>(eps);
   at::parallel_for(0, n, 1024, [&](int64_t a, int64_t b) {
+    std::vector<float> buf(d);
     for (int64_t i = a; i < b; ++i) {
       if (i + AHEAD < b) {
         const int64_t q = I[i + AHEAD];
@@ -78,7 +118,7 @@ void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::
       float* m = MV + r * 2 * d;
       float* v = m + d;
       float* w = R + r * d;
-      const float* g = G + i * d;
+      const float* g = grads.row(i, buf.data());
       const int32_t k = ++K[r];
       const float s = ns == 1 ? T[0] : T[k < ns ? k : ns - 1];
       for (int64_t j = 0; j < d; ++j) {
@@ -95,79 +135,104 @@ void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::
 
 // Deduplication of an all-single batch at world size 1, without a sort. values [F, B]
 // int64 (field-major, as the batch holds them), offset [F] int64 (each field's first global
-// id), marker [N] int32 all -1 (kept by the caller between calls; left all -1 again).
+// id; field f's table is rows offset[f] .. offset[f+1] - 1, the last one's ends at N),
+// marker [N] int32 all -1 (kept by the caller between calls; left all -1 again).
 // Returns (gids, uniq, order, starts): gids [B*F] the global ids in sample order (b*F + f);
 // uniq [U] the distinct ids, field by field in the order they first occur; order [B*F] the
 // positions of every value grouped by its unique id, ascending within a group (what a
 // stable sort by id gives, groups in another order); starts [U] where each group begins.
-// Field by field, so each field's markers (a range of its own) stay in cache.
+// Field by field, each with its own markers (a range that stays in cache) and its own
+// list of distinct ids; field f's B positions are order[f*B, (f+1)*B). (Running the
+// fields on both threads saved no wall time here and cost CPU time: not done.) An id
+// outside its own field's rows is refused, naming the field and the batch row.
 std::vector<torch::Tensor> dedup_single(torch::Tensor values, torch::Tensor offset, torch::Tensor marker) {
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == at::kLong && values.dim() == 2, "values: int64 [F, B]");
   TORCH_CHECK(offset.is_contiguous() && offset.scalar_type() == at::kLong && offset.numel() == values.size(0), "offset: int64 [F]");
   TORCH_CHECK(marker.is_contiguous() && marker.scalar_type() == at::kInt, "marker: int32 [N]");
   const int64_t F = values.size(0), B = values.size(1), n = F * B, N = marker.numel();
-  TORCH_CHECK(N <= INT32_MAX, "marker: more rows than int32 counts");
+  TORCH_CHECK(N <= INT32_MAX && B <= INT32_MAX, "marker: more rows than int32 counts");
   const int64_t* V = values.data_ptr<int64_t>();
   const int64_t* O = offset.data_ptr<int64_t>();
   int32_t* M = marker.data_ptr<int32_t>();
   auto gids = torch::empty({n}, values.options());
-  auto inv = torch::empty({n}, marker.options());
-  auto uniq = torch::empty({n}, values.options());
+  auto inv = torch::empty({n}, marker.options());  // each value's unique id within its field
+  auto local = torch::empty({n}, values.options());  // field f's distinct ids at [f*B, f*B + count)
   auto next = torch::empty({n}, values.options());  // per unique id: its count, then its next free place
   int64_t* Gd = gids.data_ptr<int64_t>();
   int32_t* Iv = inv.data_ptr<int32_t>();
-  int64_t* Uq = uniq.data_ptr<int64_t>();
+  int64_t* Lq = local.data_ptr<int64_t>();
   int64_t* Nx = next.data_ptr<int64_t>();
-  int64_t U = 0;
-  for (int64_t f = 0; f < F; ++f) {
+  std::vector<int64_t> count(F, 0);
+  for (int64_t f = 0; f < F; ++f) {  // field by field: each field's markers (a range of its own) stay in cache
     const int64_t* v = V + f * B;
+    const int64_t lo = O[f], size = (f + 1 < F ? O[f + 1] : N) - lo;
+    int64_t* lq = Lq + f * B;
+    int64_t* nx = Nx + f * B;
+    int64_t U = 0;
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t g = v[b] + O[f];
-      if (g < 0 || g >= N) {
-        for (int64_t u = 0; u < U; ++u) M[Uq[u]] = -1;  // the marker is all -1 again
-        TORCH_CHECK(false, "embedding id ", g, " outside the table's ", N, " rows");
+      if (v[b] < 0 || v[b] >= size) {  // outside this field's rows
+        count[f] = U;
+        for (int64_t h = 0; h <= f; ++h)  // the marker is all -1 again
+          for (int64_t u = 0; u < count[h]; ++u) M[Lq[h * B + u]] = -1;
+        TORCH_CHECK(false, "embedding id ", v[b], " of field ", f, " outside its table's ", size, " rows (batch row ",
+                    b, ")");
       }
-      if (b + AHEAD < B) __builtin_prefetch(M + v[b + AHEAD] + O[f], 1);
-      const int64_t i = b * F + f;
+      if (b + AHEAD < B && v[b + AHEAD] >= 0 && v[b + AHEAD] < size) __builtin_prefetch(M + lo + v[b + AHEAD], 1);
+      const int64_t g = lo + v[b], i = b * F + f;
       Gd[i] = g;
       int32_t u = M[g];
       if (u < 0) {
         u = static_cast<int32_t>(U++);
         M[g] = u;
-        Uq[u] = g;
-        Nx[u] = 0;
+        lq[u] = g;
+        nx[u] = 0;
       }
       Iv[i] = u;
-      ++Nx[u];
+      ++nx[u];
     }
+    count[f] = U;
   }
-  auto starts = torch::empty({U}, values.options());
+  std::vector<int64_t> base(F + 1, 0);
+  for (int64_t f = 0; f < F; ++f) base[f + 1] = base[f] + count[f];
+  auto uniq = torch::empty({base[F]}, values.options());
+  auto starts = torch::empty({base[F]}, values.options());
   auto order = torch::empty({n}, values.options());
+  int64_t* Uq = uniq.data_ptr<int64_t>();
   int64_t* St = starts.data_ptr<int64_t>();
   int64_t* Or = order.data_ptr<int64_t>();
-  int64_t at = 0;
-  for (int64_t u = 0; u < U; ++u) {
-    St[u] = at;
-    at += Nx[u];
-    Nx[u] = St[u];
-    M[Uq[u]] = -1;  // the marker is all -1 again
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t* lq = Lq + f * B;
+    int64_t* nx = Nx + f * B;
+    int64_t at = f * B;
+    for (int64_t u = 0; u < count[f]; ++u) {
+      Uq[base[f] + u] = lq[u];
+      St[base[f] + u] = at;
+      const int64_t c = nx[u];
+      nx[u] = at;
+      at += c;
+      M[lq[u]] = -1;  // the marker is all -1 again
+    }
+    for (int64_t b = 0; b < B; ++b) {  // ascending positions within a group
+      const int64_t i = b * F + f;
+      Or[nx[Iv[i]]++] = i;
+    }
   }
-  for (int64_t i = 0; i < n; ++i) Or[Nx[Iv[i]]++] = i;  // ascending positions within a group
-  return {gids, uniq.narrow(0, 0, U).clone(), order, starts};
+  return {gids, uniq, order, starts};
 }
 
 // Row-wise Adagrad. sum [N] float: s += mean(g^2); row -= lr * g / (sqrt(s) + eps).
-void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, torch::Tensor grad, double lr,
-                     double eps) {
+void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, torch::Tensor grad,
+                     torch::Tensor order, torch::Tensor starts, double lr, double eps) {
   check(rows, idx, grad);
+  const RowGrads grads(grad, order, starts, idx.numel());
   TORCH_CHECK(sum.is_contiguous() && sum.scalar_type() == at::kFloat && sum.numel() == rows.size(0), "optimizer state");
   const int64_t n = idx.numel(), d = rows.size(1);
   float* R = rows.data_ptr<float>();
   float* S = sum.data_ptr<float>();
   const int64_t* I = idx.data_ptr<int64_t>();
-  const float* G = grad.data_ptr<float>();
   const float neg_inv_lr = static_cast<float>(-1.0 / lr), feps = static_cast<float>(eps);
   at::parallel_for(0, n, 1024, [&](int64_t a, int64_t b) {
+    std::vector<float> buf(d);
     for (int64_t i = a; i < b; ++i) {
       if (i + AHEAD < b) {
         const int64_t q = I[i + AHEAD];
@@ -175,7 +240,7 @@ void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, t
         __builtin_prefetch(S + q, 1);
       }
       const int64_t r = I[i];
-      const float* g = G + i * d;
+      const float* g = grads.row(i, buf.data());
       float sq = 0.0f;
       for (int64_t j = 0; j < d; ++j) sq += g[j] * g[j];
       const float s = S[r] + sq / static_cast<float>(d);
