@@ -415,7 +415,9 @@ def omp_env(env: dict, policy: str) -> dict:
 def malloc_env(env: dict, policy: str) -> dict:
     """``env`` with the malloc settings ``--malloc`` names: esmm's (train/malloc.py; the user's
     own ``MALLOC_*`` / ``GLIBC_TUNABLES`` dropped) or glibc's defaults."""
-    env = {k: v for k, v in env.items() if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "ESMM_MALLOC"))}
+    from train.malloc import tunes_malloc  # this checkout's (a child of another checkout never gets here)
+
+    env = {k: v for k, v in env.items() if not (tunes_malloc(k) or k == "ESMM_MALLOC")}
     return {**env, "ESMM_MALLOC": "default"} if policy == "default" else env
 
 

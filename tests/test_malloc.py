@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from train.malloc import tunes_malloc
+
 # 40 rounds of malloc, touch and free of one 8 MB block (a step's tensor); prints whether
 # the settings were applied and the page faults after the first round
 SCRIPT = """
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 
 def run(**env) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "ESMM_MALLOC"))}
+    clean = {k: v for k, v in os.environ.items() if not (tunes_malloc(k) or k == "ESMM_MALLOC")}
     out = subprocess.run([sys.executable, "-c", SCRIPT], env={**clean, **env}, capture_output=True, text=True,
                          check=True)
     applied, faults = out.stdout.split()

@@ -31,11 +31,16 @@ TRIM_THRESHOLD = 256 << 20
 _done: dict = {}
 
 
+def tunes_malloc(name: str) -> bool:
+    """``name`` is an environment variable of glibc's own by which malloc is tuned."""
+    return name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
+
+
 def user_tuned() -> str | None:
     """The environment variable by which the user chose malloc's settings, if any."""
     if os.environ.get("ESMM_MALLOC", "").lower() == "default":
         return "ESMM_MALLOC"
-    return next((k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"), None)
+    return next((k for k in os.environ if tunes_malloc(k)), None)
 
 
 def keep_step_memory() -> bool:

@@ -141,8 +141,7 @@ void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::
 // uniq [U] the distinct ids, field by field in the order they first occur; order [B*F] the
 // positions of every value grouped by its unique id, ascending within a group (what a
 // stable sort by id gives, groups in another order); starts [U] where each group begins.
-// Field by field, each with its own markers (a range that stays in cache) and its own
-// list of distinct ids; field f's B positions are order[f*B, (f+1)*B). (Running the
+// Field by field, so each field's markers (a range of its own) stay in cache. (Running the
 // fields on both threads saved no wall time here and cost CPU time: not done.) An id
 // outside its own field's rows is refused, naming the field and the batch row.
 std::vector<torch::Tensor> dedup_single(torch::Tensor values, torch::Tensor offset, torch::Tensor marker) {
@@ -150,74 +149,55 @@ std::vector<torch::Tensor> dedup_single(torch::Tensor values, torch::Tensor offs
   TORCH_CHECK(offset.is_contiguous() && offset.scalar_type() == at::kLong && offset.numel() == values.size(0), "offset: int64 [F]");
   TORCH_CHECK(marker.is_contiguous() && marker.scalar_type() == at::kInt, "marker: int32 [N]");
   const int64_t F = values.size(0), B = values.size(1), n = F * B, N = marker.numel();
-  TORCH_CHECK(N <= INT32_MAX && B <= INT32_MAX, "marker: more rows than int32 counts");
+  TORCH_CHECK(N <= INT32_MAX, "marker: more rows than int32 counts");
   const int64_t* V = values.data_ptr<int64_t>();
   const int64_t* O = offset.data_ptr<int64_t>();
   int32_t* M = marker.data_ptr<int32_t>();
   auto gids = torch::empty({n}, values.options());
-  auto inv = torch::empty({n}, marker.options());  // each value's unique id within its field
-  auto local = torch::empty({n}, values.options());  // field f's distinct ids at [f*B, f*B + count)
+  auto inv = torch::empty({n}, marker.options());
+  auto uniq = torch::empty({n}, values.options());
   auto next = torch::empty({n}, values.options());  // per unique id: its count, then its next free place
   int64_t* Gd = gids.data_ptr<int64_t>();
   int32_t* Iv = inv.data_ptr<int32_t>();
-  int64_t* Lq = local.data_ptr<int64_t>();
+  int64_t* Uq = uniq.data_ptr<int64_t>();
   int64_t* Nx = next.data_ptr<int64_t>();
-  std::vector<int64_t> count(F, 0);
-  for (int64_t f = 0; f < F; ++f) {  // field by field: each field's markers (a range of its own) stay in cache
+  int64_t U = 0;
+  for (int64_t f = 0; f < F; ++f) {
     const int64_t* v = V + f * B;
     const int64_t lo = O[f], size = (f + 1 < F ? O[f + 1] : N) - lo;
-    int64_t* lq = Lq + f * B;
-    int64_t* nx = Nx + f * B;
-    int64_t U = 0;
     for (int64_t b = 0; b < B; ++b) {
-      if (v[b] < 0 || v[b] >= size) {  // outside this field's rows
-        count[f] = U;
-        for (int64_t h = 0; h <= f; ++h)  // the marker is all -1 again
-          for (int64_t u = 0; u < count[h]; ++u) M[Lq[h * B + u]] = -1;
+      if (v[b] < 0 || v[b] >= size) {
+        for (int64_t u = 0; u < U; ++u) M[Uq[u]] = -1;  // the marker is all -1 again
         TORCH_CHECK(false, "embedding id ", v[b], " of field ", f, " outside its table's ", size, " rows (batch row ",
                     b, ")");
       }
-      if (b + AHEAD < B && v[b + AHEAD] >= 0 && v[b + AHEAD] < size) __builtin_prefetch(M + lo + v[b + AHEAD], 1);
+      if (b + AHEAD < B) __builtin_prefetch(M + lo + v[b + AHEAD], 1);
       const int64_t g = lo + v[b], i = b * F + f;
       Gd[i] = g;
       int32_t u = M[g];
       if (u < 0) {
         u = static_cast<int32_t>(U++);
         M[g] = u;
-        lq[u] = g;
-        nx[u] = 0;
+        Uq[u] = g;
+        Nx[u] = 0;
       }
       Iv[i] = u;
-      ++nx[u];
+      ++Nx[u];
     }
-    count[f] = U;
   }
-  std::vector<int64_t> base(F + 1, 0);
-  for (int64_t f = 0; f < F; ++f) base[f + 1] = base[f] + count[f];
-  auto uniq = torch::empty({base[F]}, values.options());
-  auto starts = torch::empty({base[F]}, values.options());
+  auto starts = torch::empty({U}, values.options());
   auto order = torch::empty({n}, values.options());
-  int64_t* Uq = uniq.data_ptr<int64_t>();
   int64_t* St = starts.data_ptr<int64_t>();
   int64_t* Or = order.data_ptr<int64_t>();
-  for (int64_t f = 0; f < F; ++f) {
-    const int64_t* lq = Lq + f * B;
-    int64_t* nx = Nx + f * B;
-    int64_t at = f * B;
-    for (int64_t u = 0; u < count[f]; ++u) {
-      Uq[base[f] + u] = lq[u];
-      St[base[f] + u] = at;
-      const int64_t c = nx[u];
-      nx[u] = at;
-      at += c;
-      M[lq[u]] = -1;  // the marker is all -1 again
-    }
-    for (int64_t b = 0; b < B; ++b) {  // ascending positions within a group
-      const int64_t i = b * F + f;
-      Or[nx[Iv[i]]++] = i;
-    }
+  int64_t at = 0;
+  for (int64_t u = 0; u < U; ++u) {
+    St[u] = at;
+    at += Nx[u];
+    Nx[u] = St[u];
+    M[Uq[u]] = -1;  // the marker is all -1 again
   }
-  return {gids, uniq, order, starts};
+  for (int64_t i = 0; i < n; ++i) Or[Nx[Iv[i]]++] = i;  // ascending positions within a group
+  return {gids, uniq.narrow(0, 0, U).clone(), order, starts};
 }
 
 // Row-wise Adagrad. sum [N] float: s += mean(g^2); row -= lr * g / (sqrt(s) + eps).
