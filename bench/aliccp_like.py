@@ -217,6 +217,13 @@ def write_shards(data: dict[str, Split], root: str, shards: int = 4,
     return path
 
 
+def _flat(col) -> np.ndarray:
+    """A field column's ids: an int64 column (single fields, format 2) or its lists' values."""
+    import pyarrow as pa
+
+    return col.to_numpy() if pa.types.is_integer(col.type) else col.flatten().to_numpy()
+
+
 def read_shards(root: str) -> tuple[dict[str, Split], list[dict]]:
     """Reads a split-by-split copy of what ``write_shards`` wrote (single-valued fields only).
 
@@ -232,8 +239,8 @@ def read_shards(root: str) -> tuple[dict[str, Split], list[dict]]:
     for name, sp in manifest["splits"].items():
         tables = [pq.read_table(os.path.join(root, rel), columns=["click", "conversion"] +
                                 [fd["name"] for fd in fields]) for rel in sp["files"]]
-        ids = np.stack([np.concatenate([t.column(fd["name"]).combine_chunks().flatten().to_numpy()
-                                        for t in tables]) for fd in fields], axis=1)
+        ids = np.stack([np.concatenate([_flat(t.column(fd["name"]).combine_chunks()) for t in tables])
+                        for fd in fields], axis=1)
         if len(ids) != sp["impressions"]:
             raise ValueError(f"{root}: split {name} has multi-valued or missing ids ({len(ids)} values "
                              f"for {sp['impressions']} rows); the bench readers take single-valued fields")

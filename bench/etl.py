@@ -1,7 +1,7 @@
 """Benchmark: the whole ``esmm etl`` process vs the same label join in DuckDB, same files.
 
     .venv/bin/python bench/etl.py [--sizes 1000000,4000000] [--days 14] [--master local[2]] \
-        [--before /work/main]   # also time another checkout's code ("before"), same files
+        [--before /work/main] [--floor]   # also time another checkout ("before"); Spark's floor
 
 For each size, simulated logs (``esmm synth``, seed 0) are written once under
 ``bench/out/etl/logs-N`` and reused. Then, side by side on the same files:
@@ -16,6 +16,12 @@ For each size, simulated logs (``esmm synth``, seed 0) are written once under
   Parquet file: what a user would try instead, without rejects, vocab or sharding.
 
 Prints seconds, impressions/s, jobs and the ratio; the label sums must agree.
+
+``--floor`` also times what no ETL on these files can beat, side by side: Spark copying
+the impressions (read every column, write Parquet; nothing else), the same copy through
+one shuffle into the job's number of files (its shard layout), and DuckDB's plain copy.
+Spark's copy + shuffle against DuckDB's label join is the lowest ratio any Spark job that
+writes the shard layout reaches here.
 """
 from __future__ import annotations
 
@@ -108,6 +114,47 @@ print("BENCH " + json.dumps({"rc": rc, "session_s": t1 - t0, "etl_s": t2 - t1, "
 """
 
 
+# Spark's floor on the same files, in its own process with esmm's session settings.
+FLOOR = """
+import json, sys, time
+from etl.spark import get_spark
+spark = get_spark(sys.argv[1], app="esmm-etl-floor")
+from pyspark.sql import functions as F
+src, dst, files = sys.argv[2], sys.argv[3], int(sys.argv[4])
+t = time.perf_counter()
+spark.read.parquet(src).write.mode("overwrite").parquet(dst + "/copy")
+t1 = time.perf_counter()
+(spark.read.parquet(src).repartition(files, F.xxhash64("impression_id"))
+ .write.mode("overwrite").parquet(dst + "/shuffled"))
+t2 = time.perf_counter()
+print("BENCH " + json.dumps({"copy_s": t1 - t, "shuffled_s": t2 - t1}))
+"""
+
+
+def run_floor(logs: Path, dest: Path, master: str, files: int, threads: int) -> dict:
+    """Spark's copy and copy + shuffle of the impressions, and DuckDB's copy (seconds)."""
+    import subprocess
+
+    import duckdb
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
+    r = subprocess.run([sys.executable, "-c", FLOOR, master, str(logs / "impressions"), str(dest), str(files)],
+                       env=env, capture_output=True, text=True, cwd=str(ROOT))
+    line = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")]
+    if r.returncode != 0 or not line:
+        raise RuntimeError(f"Spark floor failed: {r.stderr[-2000:]}")
+    out = json.loads(line[-1][6:])
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    t = time.perf_counter()
+    con.execute(f"COPY (SELECT * FROM read_parquet('{logs}/impressions/*/*.parquet')) TO '{dest}/duck-copy.parquet' "
+                "(FORMAT parquet)")
+    out["duckdb_copy_s"] = time.perf_counter() - t
+    con.close()
+    shutil.rmtree(dest, ignore_errors=True)
+    return out
+
+
 def run_spark(code: Path, logs: Path, data: Path, master: str, shards: int) -> dict:
     """``esmm etl`` in its own process with ``code`` first on PYTHONPATH; wall time + inner figures."""
     import subprocess
@@ -137,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "etl"))
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--before", help="another checkout (e.g. /work/main) to time first on the same files")
+    p.add_argument("--floor", action="store_true",
+                   help="also time Spark's plain copy (and copy + shuffle) of the impressions and DuckDB's copy")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +200,15 @@ def main(argv=None) -> int:
         if synth_s is not None:
             print(f"synth {n:,} impressions: {synth_s:.1f} s", flush=True)
         duck_s, (d_n, d_y, d_z) = run_duckdb(logs, out / f"duck-{n}.parquet", cores(args.master), 7)
+        if args.floor:
+            files = args.shards * len([d for d in (logs / "impressions").iterdir() if d.name.startswith("dt=")])
+            fl = run_floor(logs, out / f"floor-{n}", args.master, files, cores(args.master))
+            results.append({"impressions": n, "code": "floor", **{k: round(v, 2) for k, v in fl.items()},
+                            "duckdb_s": round(duck_s, 2), "load": round(os.getloadavg()[0], 1)})
+            print(f"{n:>10,} impressions [floor]: Spark copy {fl['copy_s']:6.1f} s ({fl['copy_s'] / duck_s:.1f}x), "
+                  f"copy + shuffle into {files} files {fl['shuffled_s']:6.1f} s ({fl['shuffled_s'] / duck_s:.1f}x) | "
+                  f"duckdb copy {fl['duckdb_copy_s']:.1f} s, label join {duck_s:.1f} s | "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
         for name, code in codes:
             data = out / f"data-{n}-{name}"
             s = run_spark(code, logs, data, args.master, args.shards)
@@ -169,7 +227,7 @@ def main(argv=None) -> int:
                   f"load {r['load']}", flush=True)
             shutil.rmtree(data, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if all(r["labels_agree"] for r in results) else 1
+    return 0 if all(r.get("labels_agree", True) for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -71,12 +71,12 @@ def encode_side(df: DataFrame, fields: list[FieldSpec], vocab: dict, keep: list[
 
 
 def join_common(imp: DataFrame, com: DataFrame, common_fields: list[FieldSpec]) -> DataFrame:
-    """Encoded impressions LEFT JOIN encoded common rows by index; missing -> [0] / []."""
+    """Encoded impressions LEFT JOIN encoded common rows by index; missing -> 0 / []."""
     right = com.withColumnRenamed("cfi", "_cfi").withColumnRenamed("_user_raw", "_user_raw_c")
     df = imp.join(right.hint("shuffle_merge"), F.col("cfi") == F.col("_cfi"), "left")
     cols = [c for c in imp.columns if c != "_user_raw"]
     for f in common_fields:
-        empty = "array(cast(0 as bigint))" if f.kind == "single" else EMPTY_IDS
+        empty = "cast(0 as bigint)" if f.kind == "single" else EMPTY_IDS
         cols.append(F.coalesce(F.col(f.name), F.expr(empty)).alias(f.name))
         if f.kind == "weighted":
             cols.append(F.coalesce(F.col(f.name + "__w"), F.expr("cast(array() as array<float>)"))

@@ -117,28 +117,40 @@ def on_driver(df: DataFrame) -> DataFrame:
     return df.sparkSession.createDataFrame(df.toArrow(), schema=df.schema)
 
 
+def id_hash(c):
+    """The 64-bit key duplicates are first looked for by (module level: a test makes it collide)."""
+    return F.xxhash64(c)
+
+
 def _dedup_few(df: DataFrame, id_col: str) -> DataFrame | None:
     """:func:`dedup` by broadcasting the kept row of each duplicated id, or None when there
-    are more duplicated ids than fit a broadcast (two small jobs: the duplicated ids, then
-    their kept rows, computed once for every later job)."""
+    are more repeated ids than fit a broadcast (two small jobs: the hashes of repeated ids,
+    then the kept row of each duplicated id among them, computed once for every later job)."""
     spark = df.sparkSession
     limit = broadcast_rows(spark, 256)  # a kept row: id, ts, source path, position
     if limit <= 0:
         return None
-    ok = df.where(F.col("_bad").isNull())
-    ids = (ok.groupBy(F.col(id_col).alias("_d_id")).count().where(F.col("count") > 1)
-           .select("_d_id").limit(limit + 1))
-    schema = ids.schema
-    ids = ids.toArrow()  # Arrow in, Arrow out: a local relation, no Python worker
-    if ids.num_rows > limit:
+    # candidates: 64-bit hashes of ids seen more than once on any row, malformed too (only
+    # the id is read, and a long key aggregates in Spark's fast hash map); the ids are then
+    # told apart exactly among the well-formed rows of those hashes, so a collision or a
+    # malformed repeat costs a row in the second job, never a wrong flag
+    h = id_hash(F.col(id_col))
+    cand = (df.where(F.col(id_col).isNotNull()).groupBy(h.alias("_d_h")).count().where(F.col("count") > 1)
+            .select("_d_h").limit(limit + 1))
+    schema = cand.schema
+    cand = cand.toArrow()  # Arrow in, Arrow out: a local relation, no Python worker
+    if cand.num_rows > limit:
         return None
     flag_malformed = F.when(F.col("_bad").isNotNull(), F.lit("malformed"))
-    if not ids.num_rows:
+    if not cand.num_rows:
         return df.withColumn("_reason", flag_malformed)
-    dup = spark.createDataFrame(ids, schema=schema)
+    hashes = spark.createDataFrame(cand, schema=schema)
+    ok = df.where(F.col("_bad").isNull())
     order = F.struct(F.col("_ts"), F.col("_src"), F.col("_ord"))  # the window's order: the smallest is kept
-    keep = on_driver(ok.join(F.broadcast(dup), ok[id_col] == F.col("_d_id"), "left_semi")
-                     .groupBy(F.col(id_col).alias("_d_id")).agg(F.min(order).alias("_d_keep")))
+    keep = on_driver(ok.join(F.broadcast(hashes), h == F.col("_d_h"), "left_semi")
+                     .groupBy(F.col(id_col).alias("_d_id"))
+                     .agg(F.min(order).alias("_d_keep"), F.count(F.lit(1)).alias("_d_n"))
+                     .where(F.col("_d_n") > 1).select("_d_id", "_d_keep"))
     out = df.join(F.broadcast(keep), df[id_col] == F.col("_d_id"), "left")
     return out.withColumn("_reason", flag_malformed.when(F.col("_d_id").isNotNull() & (order != F.col("_d_keep")),
                                                          F.lit("duplicate"))).drop("_d_id", "_d_keep")
@@ -309,7 +321,7 @@ def observed_reasons(observations: dict, frames: dict | None = None) -> dict[str
     return out
 
 
-def rejects_from(fl: Flagged, row_json: dict, observations: dict | None = None) -> DataFrame:
+def rejects_from(fl: Flagged, row_json: dict, observations: dict | None = None, skip: tuple = ()) -> DataFrame:
     """``(table, reason, row, source_file, detail)`` of every rejected row.
 
     Args:
@@ -317,9 +329,12 @@ def rejects_from(fl: Flagged, row_json: dict, observations: dict | None = None) 
         observations: per table name, a ``pyspark.sql.Observation`` that the write of
             the result fills with the table's rows per outcome (:func:`observed_reasons`),
             counted on every row before the rejects are filtered out.
+        skip: tables known to have no rejected row (counted elsewhere): not scanned.
     """
     parts = []
     for name, df in (("impressions", fl.impressions), ("clicks", fl.clicks), ("conversions", fl.conversions)):
+        if name in skip:
+            continue
         if observations and name in observations:
             df = df.observe(observations[name], *reason_metrics(name))
         r = df.where(F.col("_reason").isNotNull() & ~F.col("_reason").isin(OUT_OF_RANGE, AFTER_HORIZON))

@@ -25,8 +25,8 @@ from pyspark.sql import functions as F
 from etl import fs
 from etl.errors import InputError
 from etl.features import load_spec, resolve_fields
-from etl.labels import (AFTER_HORIZON, OUT_OF_RANGE, REASONS, Horizon, broadcast_rows, flag, labels_from,
-                        observed_reasons, rejects_from)
+from etl.labels import (AFTER_HORIZON, OUT_OF_RANGE, REASONS, Flagged, Horizon, broadcast_rows, flag, labels_from,
+                        observed_reasons, reason_metrics, rejects_from)
 from etl.logs import TABLES, list_days, parse_day, raw_rows, read_table, row_json, select_days
 from etl.shards import write_dataset
 from etl.vocab import count_vocab, encode_columns, read_prev_vocab
@@ -237,17 +237,26 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
     vocab, values, uniques = count_vocab(valid, fields, train_days, parent)
     mfields = manifest_fields(fields, values, parent)
 
+    # the shard write observes every impression's outcome (its scan flags them all anyway); the
+    # rejects write observes the clicks' and conversions', and scans the impressions only if
+    # that first write saw some rejected: on clean logs no pass reads them for nothing
+    obs = {t: Observation(f"reasons_{t}") for t in TABLES}
+    seen = Flagged(fl.impressions.observe(obs["impressions"], *reason_metrics("impressions")),
+                   fl.clicks, fl.conversions)
     # clicked (and so converted) ids as few as the clicks read: label the impressions where they are read
-    labelled = labels_from(fl, broadcast=read["clicks"] <= fit)
+    labelled = labels_from(seen, broadcast=read["clicks"] <= fit)
     samples = labelled.select(
         F.col("impression_id").alias("sample_id"), F.col("_ts").alias("ts"), F.col("_dt").alias("dt"),
         "click", "conversion", *[F.col(f["name"]) for f in fields])
     encoded = encode_columns(samples, fields, values, keep=KEEP)
     splits = encoded.withColumn("_split", F.when(F.col("dt").isin(train_days), F.lit("train")).otherwise(F.lit("test")))
 
-    # the rejects write observes every row's reason (used included): no extra scan for counts
-    obs = {t: Observation(f"reasons_{t}") for t in TABLES}
-    rejects = rejects_from(fl, {t: row_json(ex.tables[t]) for t in TABLES}, observations=obs)
+    def rejects():
+        imp = observed_reasons({"impressions": obs["impressions"]}, {"impressions": fl.impressions})["impressions"]
+        clean = not any(imp.get(r) for r in REASONS["impressions"]) and set(imp) <= {"used"}
+        return rejects_from(fl, {t: row_json(ex.tables[t]) for t in TABLES},
+                            observations={t: obs[t] for t in ("clicks", "conversions")},
+                            skip=("impressions",) if clean else ())
     state: dict = {}
 
     def counts_done() -> dict:

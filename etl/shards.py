@@ -10,7 +10,7 @@ Public API (used by ``esmm etl`` and the Ali-CCP converter)::
 
 - each split DataFrame has ``sample_id`` string, ``ts`` timestamp, ``dt`` day string
   (``YYYY-MM-DD``), ``click`` and ``conversion`` (0/1, cast to int8), and per field in
-  ``fields`` the encoded column ``<name>`` list<int64> (+ ``<name>__w`` list<float32> for
+  ``fields`` the encoded column ``<name>``: int64 for ``kind == "single"``, else list<int64> (+ ``<name>__w`` list<float32> for
   ``kind == "weighted"``). Columns whose name starts with ``_`` are not written; use them
   for ``user_field``/``item_field`` if the raw ids should be counted (e.g. ``_user_raw``);
   a list column is counted by its first id.
@@ -30,7 +30,7 @@ What it guarantees:
 - row ``r`` goes to shard ``xxhash64(sample_id) mod shards`` and rows are ordered within a
   file by ``xxhash64(sample_id, seed)``: shuffled within the day, and a rerun on the same
   rows gives the same rows in the same files in the same order;
-- ``manifest.json`` (README's format_version 1) and ``_SUCCESS`` are written last, then the
+- ``manifest.json`` (README's format_version 2) and ``_SUCCESS`` are written last, then the
   commit: old ``out`` renamed aside, staging renamed to ``out``, old deleted. A job that
   dies before the commit leaves the previous output untouched (its staging folder is
   removed by the next run); if it dies between the two renames, the next run renames the
@@ -52,7 +52,7 @@ from pyspark.sql import types as T
 from etl import fs
 from etl.vocab import save_vocab
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: single fields are int64 (1: one-id lists)
 TABLES = ("impressions", "clicks", "conversions")
 REJECT_KEYS = (
     "impressions.malformed", "impressions.duplicate",
@@ -81,7 +81,7 @@ def _shard_columns(df: DataFrame, fields: list[dict], split: str) -> list:
            F.col("click").cast("tinyint").alias("click"),
            F.col("conversion").cast("tinyint").alias("conversion")]
     for f in fields:
-        sel.append(F.col(f["name"]).cast("array<bigint>").alias(f["name"]))
+        sel.append(F.col(f["name"]).cast("bigint" if f["kind"] == "single" else "array<bigint>").alias(f["name"]))
         if f["kind"] == "weighted":
             sel.append(F.col(f["name"] + "__w").cast("array<float>").alias(f["name"] + "__w"))
     return sel
@@ -222,7 +222,8 @@ def write_dataset(spark, out: str, splits: "dict[str, DataFrame] | DataFrame", f
     (``DataFrame.observe``), else from one aggregation before it. ``uniques``
     (``{split: (users, items)}``) skips the distinct-count job. ``reject_counts`` and
     ``extra`` may be callables, called after the writes (so they can read observations
-    made by the rejects write). After the write, the rows in the written files' footers
+    made by the rejects write); so may ``rejects``, called after the shard write (so it can
+    leave out a table that write observed to have no rejects). After the write, the rows in the written files' footers
     must equal the rows written, per split and day: a lost file fails the job before the
     commit (:class:`WriteCheckError`).
     Returns the manifest dict.
@@ -380,6 +381,7 @@ def _write_staging(spark, staging, splits, fields, *, shards, inputs, rejects, r
     fs.delete(spark, posixpath.join(staging, "_empty"))
     fs.delete(spark, posixpath.join(staging, "_raw"))
 
+    rejects = rejects() if callable(rejects) else rejects
     rej = rejects if rejects is not None else spark.createDataFrame([], REJECTS_SCHEMA)
     detail = F.col("detail").cast("string") if "detail" in rej.columns else F.lit(None).cast("string")
     (rej.select(F.col("table").cast("string"), F.col("reason").cast("string"),

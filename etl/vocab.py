@@ -132,7 +132,9 @@ def keyed_values(df: DataFrame, singles: list, lists: list, extra: list = ()) ->
     arr = F.concat(F.array(*singles) if singles else F.array().cast("array<string>"), *lists)
     x = df.select(arr.alias("_a"), *[F.size(c).alias(f"_n{j}") for j, c in enumerate(lists)], *extra)
     names = x.columns[1 + len(lists):]
-    x = x.select(F.posexplode("_a").alias("_p", "v"), *[f"_n{j}" for j in range(len(lists))], *names)
+    # outer: Spark guards a plain explode with an inferred filter (size(_a) > 0) that builds
+    # the concatenated array a second time; an empty array's one null row is dropped below
+    x = x.select(F.posexplode_outer("_a").alias("_p", "v"), *[f"_n{j}" for j in range(len(lists))], *names)
     k, edge = F.when(F.col("_p") < ns, F.col("_p")), F.lit(ns)
     for j in range(len(lists)):
         edge = edge + F.col(f"_n{j}")
@@ -385,7 +387,8 @@ def _single_table(spark, name: str, values: list) -> DataFrame:
 
 
 def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) -> DataFrame:
-    """Replace each field column by its ids (list<int64>) and weights (list<float32>).
+    """Replace each field column by its ids (int64 for a single field, else list<int64>) and
+    weights (list<float32>).
 
     Single-valued vocabulary fields are looked up on the JVM (a broadcast hash join on the
     value), hashed fields are computed there too; only list-valued vocabulary fields go
@@ -399,8 +402,9 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
         keep (list[str]): columns passed through unchanged.
 
     Returns:
-        DataFrame: ``keep`` + ``<name>`` list<bigint> per field (+ ``<name>__w``
-        list<float> for weighted). A null single value gives ``[0]``, a null list ``[]``.
+        DataFrame: ``keep`` + ``<name>`` per field, bigint for a single field, else
+        list<bigint> (+ ``<name>__w`` list<float> for weighted). A null single value
+        gives 0, a null list ``[]``.
     """
     spark = df.sparkSession
     values = vocab if isinstance(vocab, dict) else collect_vocab(vocab, fields)
@@ -416,12 +420,12 @@ def encode_columns(df: DataFrame, fields: list[dict], vocab, keep: list[str]) ->
         if kind == "single":
             v = c.cast("string")
             if f.get("hash_buckets"):
-                ids = F.array(hash_ids(v, f["hash_buckets"]))
+                ids = hash_ids(v, f["hash_buckets"])
             else:
                 key, idc = f"_vk_{name}", f"_vi_{name}"
                 out = out.join(F.broadcast(_single_table(spark, name, values[name])), v == F.col(key), "left")
-                ids = F.array(F.coalesce(F.col(idc), F.lit(0).cast("bigint")))
-            sel.append(ids.cast("array<bigint>").alias(name))
+                ids = F.coalesce(F.col(idc), F.lit(0).cast("bigint"))
+            sel.append(ids.cast("bigint").alias(name))
         elif not f.get("hash_buckets"):  # Python, this column only (etl/list_encode.py)
             arg = c if is_map else c.cast("array<string>")
             res = list_udf(bc, token, name, kind == "weighted", is_map)(arg)

@@ -67,7 +67,7 @@ def _rechub_ids(spark, root, max_partition_bytes):
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_partition_bytes))
     try:
         conv = AF.convert_rechub(spark, str(root))
-        return {s: sorted((r["sample_id"], r["click"], r["205"][0]) for r in
+        return {s: sorted((r["sample_id"], r["click"], r["205"]) for r in
                           df.select("sample_id", "click", "205").collect())
                 for s, df in conv.splits.items()}
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -106,14 +107,14 @@ def test_vocabulary_counted_on_train_only(crafted):
     assert (fields["user_id"]["kind"], fields["hist"]["kind"], fields["shop"]["kind"]) == ("single", "multi", "weighted")
     assert fields["user_id"]["vocab_size"] == 5 and fields["shop"]["weights"] == "shop__w"
     rows = {r["sample_id"]: r for r in read_split(out, "test")}
-    assert rows["i13"]["user_id"] == [0] and rows["i13"]["item_id"] == [0] and rows["i13"]["hist"] == [0]
-    assert rows["i14"]["user_id"] == [users["u1"]]
+    assert rows["i13"]["user_id"] == 0 and rows["i13"]["item_id"] == 0 and rows["i13"]["hist"] == [0]
+    assert rows["i14"]["user_id"] == users["u1"]
     train = {r["sample_id"]: r for r in read_split(out, "train")}
     hist, shop = vocab(out, "hist"), vocab(out, "shop")
     assert train["i1"]["hist"] == [hist["h1"], hist["h2"]]
     assert train["i1"]["shop"] == [shop["s1"], shop["s2"]] and train["i1"]["shop__w"] == [0.5, 2.0]
     assert train["i5"]["hist"] == [] and train["i5"]["shop"] == [] and train["i5"]["shop__w"] == []
-    assert train["i1"]["pos"] == [vocab(out, "pos")["1"]]
+    assert train["i1"]["pos"] == vocab(out, "pos")["1"]
 
 
 def test_shard_schema_matches_contract(crafted):
@@ -122,8 +123,10 @@ def test_shard_schema_matches_contract(crafted):
     assert str(s.field("sample_id").type) == "string"
     assert str(s.field("ts").type) == "timestamp[us, tz=UTC]"
     assert str(s.field("click").type) == "int8" and str(s.field("conversion").type) == "int8"
-    assert str(s.field("user_id").type).startswith("list<") and "int64" in str(s.field("user_id").type)
-    assert "float" in str(s.field("shop__w").type)
+    assert str(s.field("user_id").type) == "int64" and str(s.field("pos").type) == "int64"  # single: format 2
+    assert str(s.field("hist").type).startswith("list<") and "int64" in str(s.field("hist").type)
+    assert str(s.field("shop").type).startswith("list<") and "float" in str(s.field("shop__w").type)
+    assert crafted["manifest"]["format_version"] == 2
     assert not any(n.startswith("_") or n == "dt" for n in s.names)
 
 
@@ -156,7 +159,7 @@ def test_json_lines_input_same_labels_and_feature_spec(spark, crafted):
     assert {r["sample_id"]: (r["click"], r["conversion"]) for r in rows} == C.LABELS
     t = {r["sample_id"]: r for r in rows}
     assert t["i1"]["shop__w"] == [0.5, 2.0]
-    assert t["i11"]["item_id"] == [0] and "pos" not in t["i1"]
+    assert t["i11"]["item_id"] == 0 and "pos" not in t["i1"]
     assert all(1 <= h <= 8 for r in rows for h in r["hist"]) and len(t["i1"]["hist"]) == 2
     rej = pads.dataset(out / "rejects", format="parquet").to_table().to_pylist()
     assert any(r["row"].startswith('{"impression_id": "broken"') for r in rej)
@@ -178,3 +181,30 @@ def test_ranged_run_counts_out_of_range_apart(spark, crafted):
         rejected = sum(v for k, v in m["rejects"].items() if k.startswith(t + "."))
         assert m["read"][t] == m["used"][t] + rejected + m["out_of_range"].get(t, 0)
     assert m["splits"]["train"]["days"] == [C.day(2)] and m["splits"]["test"]["days"] == [C.day(3)]
+
+
+def test_clean_impressions_skip_their_reject_scan(spark, tmp_path):
+    """Impressions without a malformed or duplicate row (the shard write observes each one's
+    outcome, so the rejects write does not scan them): the clicks' and conversions' rejects
+    are still all written and counted, exactly, and no impression row is among them."""
+    import pyarrow.compute as pc
+
+    logs = C.write_parquet(tmp_path / "logs")
+    day1 = logs / "impressions" / f"dt={C.day(1)}" / "part-00000.parquet"
+    t = pq.read_table(day1)
+    bad = pc.or_(pc.is_in(t["impression_id"], pa.array(["i7", "i8", ""])),
+                 pc.and_(pc.equal(t["impression_id"], "i6"), pc.equal(t["ts"], C.iso(C.at(1, 10)))))
+    assert pc.sum(bad).as_py() == 4  # the three malformed rows and the later copy of i6
+    pq.write_table(t.filter(pc.invert(bad)), day1)
+    m = run_etl(spark, str(logs), str(tmp_path / "data"))
+    want = {k: (0 if k.startswith("impressions.") else v) for k, v in C.REJECTS.items()}
+    assert m["rejects"] == want
+    assert m["read"]["impressions"] == m["used"]["impressions"] == C.USED["impressions"]
+    rows = pads.dataset(tmp_path / "data" / "rejects", format="parquet").to_table().to_pylist()
+    got: dict = {}
+    for r in rows:
+        got[f"{r['table']}.{r['reason']}"] = got.get(f"{r['table']}.{r['reason']}", 0) + 1
+    assert {k: got.get(k, 0) for k in REJECT_KEYS} == want
+    labels = {r["sample_id"]: (r["click"], r["conversion"])
+              for r in read_split(tmp_path / "data", "train") + read_split(tmp_path / "data", "test")}
+    assert labels == C.LABELS

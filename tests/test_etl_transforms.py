@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 import etl_crafted as C
+from etl import labels
 from etl.labels import Horizon, dedup, flag, labels_from
 from etl.pipeline import run_etl
 from etl.shards import LOSE_ENV, WriteCheckError
@@ -48,14 +49,18 @@ def reasons(df, id_col):
     return df.select(id_col, "_ts", "_reason")
 
 
-@pytest.fixture(params=["window", "broadcast", "broadcast_off"])
-def dedup_path(request, spark):
-    """The three ways duplicates are judged (etl.labels.dedup): one window over all rows;
+@pytest.fixture(params=["window", "broadcast", "broadcast_colliding", "broadcast_off"])
+def dedup_path(request, spark, monkeypatch):
+    """The ways duplicates are judged (etl.labels.dedup): one window over all rows;
     rows that (_src, _ord) tell apart, with the kept row of each duplicated id broadcast;
-    the same when broadcasting is off (back to the window)."""
+    the same with every id's hash colliding (the repeated-id candidates are then every
+    row: the second job alone must tell the ids apart); the same when broadcasting is off
+    (back to the window)."""
     old = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
     if request.param == "broadcast_off":
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    if request.param == "broadcast_colliding":
+        monkeypatch.setattr(labels, "id_hash", lambda c: F.lit(7).cast("bigint"))
     try:
         yield {t: request.param != "window" for t in ("impressions", "clicks", "conversions")}
     finally:

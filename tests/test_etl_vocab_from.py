@@ -99,12 +99,12 @@ def test_every_shared_value_keeps_its_id_and_new_ones_follow(days):
 
 def test_shards_encoded_with_the_grown_ids(days):
     r1, r2 = rows(days["d1"]), rows(days["d2"])
-    assert r2["i11"]["user_id"] == [4] and r2["i11"]["item_id"] == [0] and r2["i11"]["shop"] == [3]
-    assert r2["i14"]["user_id"] == [1] and r2["i14"]["pos"] == [2]  # D3 test row: day 1's ids
-    assert r2["i13"]["user_id"] == [0]  # u9 is seen on test days only
+    assert r2["i11"]["user_id"] == 4 and r2["i11"]["item_id"] == 0 and r2["i11"]["shop"] == [3]
+    assert r2["i14"]["user_id"] == 1 and r2["i14"]["pos"] == 2  # D3 test row: day 1's ids
+    assert r2["i13"]["user_id"] == 0  # u9 is seen on test days only
     # hashed fields are unaffected: the same value hashes to the same bucket on both days
     assert r1["i2"]["hist"] == r2["i10"]["hist"] and 1 <= r2["i10"]["hist"][0] <= 8
-    assert r1["i10"]["user_id"] == [1] and r1["i11"]["user_id"] == [0]  # day 1 did not know u4
+    assert r1["i10"]["user_id"] == 1 and r1["i11"]["user_id"] == 0  # day 1 did not know u4
 
 
 def test_bundle_parent_gives_the_same_ids(days):
@@ -130,7 +130,7 @@ def test_parent_size_above_its_ids_is_kept(spark, days):
     assert vocab(out, "user_id") == {"u1": 1, "u2": 2, "u3": 3, "u4": 10}
     assert {f["name"]: f["vocab_size"] for f in m["fields"]}["user_id"] == 11
     assert m["vocab"]["new_ids"]["user_id"] == 1
-    assert rows(out)["i11"]["user_id"] == [10] and rows(out)["i10"]["user_id"] == [1]
+    assert rows(out)["i11"]["user_id"] == 10 and rows(out)["i10"]["user_id"] == 1
 
 
 def test_parent_errors_name_the_problem(spark, days, tmp_path):

@@ -42,8 +42,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable manifest ({e})") from None
-    if m.get("format_version") != 1:
-        raise InputError(f"{path}: format_version {m.get('format_version')!r}, expected 1")
+    if m.get("format_version") not in (1, 2):
+        raise InputError(f"{path}: format_version {m.get('format_version')!r}, expected 1 or 2")
     for key in ("fields", "splits"):
         if key not in m:
             raise InputError(f"{path}: missing key {key!r}")
@@ -81,9 +81,14 @@ def shard_columns(fields: list[FieldConfig], sample_id: bool = True) -> list[str
 # ---------------------------------------------------------------- Arrow -> torch
 
 def _list_buffers(arr: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets int64 [n+1] from 0, values) of a list array, zero-copy where Arrow allows."""
+    """(offsets int64 [n+1] from 0, values) of a list array, zero-copy where Arrow allows;
+    an integer column (a single field, format 2) is one id per row."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_integer(arr.type):
+        if arr.null_count:
+            raise InputError(f"column {name!r}: null ids")
+        return np.arange(len(arr) + 1, dtype=np.int64), arr.to_numpy(zero_copy_only=False)
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         raise InputError(f"column {name!r}: expected list<...>, got {arr.type}")
     if arr.null_count:  # a null list is an empty bag, like a missing value
