@@ -10,10 +10,11 @@ Public API (used by ``esmm etl`` and the Ali-CCP converter)::
 
 - each split DataFrame has ``sample_id`` string, ``ts`` timestamp, ``dt`` day string
   (``YYYY-MM-DD``), ``click`` and ``conversion`` (0/1, cast to int8), and per field in
-  ``fields`` the encoded column ``<name>``: int64 for ``kind == "single"``, else list<int64> (+ ``<name>__w`` list<float32> for
-  ``kind == "weighted"``). Columns whose name starts with ``_`` are not written; use them
-  for ``user_field``/``item_field`` if the raw ids should be counted (e.g. ``_user_raw``);
-  a list column is counted by its first id.
+  ``fields`` the encoded column ``<name>``: int64 for ``kind == "single"``, else
+  list<int64> (+ ``<name>__w`` list<float32> for ``kind == "weighted"``). Columns whose
+  name starts with ``_`` are not written; use them for ``user_field``/``item_field`` if
+  the raw ids should be counted (e.g. ``_user_raw``); a list column is counted by its
+  first id.
 - ``fields``: one dict per field, at least ``name``, ``kind`` (single|multi|weighted),
   ``vocab_size``, ``group``; copied into the manifest (``weights`` added for weighted).
 - ``rejects``: DataFrame ``(table, reason, row, source_file[, detail])`` or None; ``reject_counts``
@@ -223,9 +224,9 @@ def write_dataset(spark, out: str, splits: "dict[str, DataFrame] | DataFrame", f
     (``{split: (users, items)}``) skips the distinct-count job. ``reject_counts`` and
     ``extra`` may be callables, called after the writes (so they can read observations
     made by the rejects write); so may ``rejects``, called after the shard write (so it can
-    leave out a table that write observed to have no rejects). After the write, the rows in the written files' footers
-    must equal the rows written, per split and day: a lost file fails the job before the
-    commit (:class:`WriteCheckError`).
+    leave out a table that write observed to have no rejects). After the write, the rows
+    in the written files' footers must equal the rows written, per split and day: a lost
+    file fails the job before the commit (:class:`WriteCheckError`).
     Returns the manifest dict.
     """
     if shards < 1:
