@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     import same_malloc
 
-    same_malloc.apply()  # as train.loop.fit does (this checkout's settings, a "before" checkout's run too)
+    tuned = same_malloc.apply()  # as train.loop.fit does (this checkout's settings, a "before" checkout's run too)
     if not (Path(a.data) / "manifest.json").is_file():
         aliccp_like.write_shards(aliccp_like.make(a.rows, 1000, 0), a.data)
     m = load_manifest(a.data)
@@ -178,9 +178,10 @@ def main(argv=None) -> int:
     print(f"  {'step':14s} {1000 * mins.sum():8.2f} {1000 * meds.sum():10.2f} {1000 * cmins.sum():11.2f} "
           f"{1000 * cmeds.sum():14.2f}   -> {2048 / mins.sum():,.0f} samples/s from the wall minima, "
           f"{2048 / meds.sum():,.0f} from the medians, {2048 / cmeds.sum():,.0f} per CPU-s (medians)")
+    malloc_off = "glibc's defaults or the user's settings"
     print(f"  page faults {(ru1.ru_minflt - ru0.ru_minflt) / a.steps:,.0f} and system CPU "
           f"{1000 * (ru1.ru_stime - ru0.ru_stime) / a.steps:.2f} ms per step (malloc: "
-          f"{'glibc defaults' if os.environ.get('ESMM_MALLOC', '').lower() == 'default' else 'train/malloc.py'})")
+          f"{'train/malloc.py' if tuned else malloc_off})")
     if a.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 

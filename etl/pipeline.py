@@ -253,7 +253,7 @@ def run_etl(spark, logs: str, out: str, features: str | None = None, split_date:
 
     def rejects():
         imp = observed_reasons({"impressions": obs["impressions"]}, {"impressions": fl.impressions})["impressions"]
-        clean = not any(imp.get(r) for r in REASONS["impressions"]) and set(imp) <= {"used"}
+        clean = set(imp) <= {"used"}  # only outcomes with rows are listed: no reject, nothing unknown
         return rejects_from(fl, {t: row_json(ex.tables[t]) for t in TABLES},
                             observations={t: obs[t] for t in ("clicks", "conversions")},
                             skip=("impressions",) if clean else ())
