@@ -12,7 +12,8 @@ from train.baselines import MODELS, NEEDS_CTR_MODEL, build_model
 from train.data import arrow_to_batch, table_to_columns
 from train.embedding import EmbeddingCollection, FieldConfig
 from train.jagged import Batch, KeyedJagged, take_rows
-from train.model import ESMM, EsmmConfig, esmm_loss, log1mexp
+from train.model import ESMM, EsmmConfig, esmm_loss, fused_esmm_mean_loss, log1mexp, weighted_mean
+from train.shard import row_kernels
 
 FIELDS = [FieldConfig("user", "single", 7), FieldConfig("hist", "multi", 11)]
 SMALL = EsmmConfig(dim=4, hidden=(8, 4), embedding="plain")  # .weight is inspectable
@@ -89,6 +90,53 @@ def test_loss_stable_at_extreme_logits():
     # log(1 - p) from log p, both ends
     x = torch.tensor([-1e-20, -1e-3, -0.5, -50.0], dtype=torch.float64)
     torch.testing.assert_close(log1mexp(x), torch.log(-torch.expm1(x)))
+
+
+
+@pytest.mark.skipif(row_kernels.switched_off(), reason="ESMM_ROW_KERNELS=off")
+def test_fused_loss_and_gradient_equal_the_torch_ops():
+    """ESMM.loss's fused kernel: the mean loss and both logits' gradients autograd gives
+    through esmm_loss (float64 as the referee), at ordinary and extreme logits, every label
+    pair, and log pCTCVR a hair below 0 (a = b = 30)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.cat([torch.randn(2000, generator=g) * 3, torch.tensor([-80.0, 80.0, -80.0, 80.0, 0.0, 30.0, 20.0])])
+    b = torch.cat([torch.randn(2000, generator=g) * 3, torch.tensor([-80.0, 80.0, 80.0, -80.0, 200.0, 30.0, -20.0])])
+    y = (torch.rand(a.numel(), generator=g) < 0.5).float()
+    z = y * (torch.rand(a.numel(), generator=g) < 0.5).float()
+    y[-7:], z[-7:] = torch.tensor([1.0, 0, 1, 1, 0, 0, 1]), torch.tensor([1.0, 0, 1, 0, 0, 0, 1])
+    ref = [t.double().requires_grad_() for t in (a, b)]
+    want = esmm_loss(ref[0], ref[1], y.double(), z.double())
+    want.backward()
+    got_in = [t.clone().requires_grad_() for t in (a, b)]
+    got = fused_esmm_mean_loss(got_in[0], got_in[1], y, z)
+    assert got is not None
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-6)
+    n = a.numel()  # per-sample gradients (x n) of terms up to ~1 that cancel: float32's 1e-6 absolute
+    for t, r in zip(got_in, ref):
+        torch.testing.assert_close(t.grad.double() * n, r.grad * n, rtol=1e-5, atol=1e-6)
+    # the torch ops in float32 agree as closely (what the kernel replaces)
+    f32 = [t.clone().requires_grad_() for t in (a, b)]
+    esmm_loss(f32[0], f32[1], y, z).backward()
+    for t, r in zip(f32, got_in):
+        torch.testing.assert_close(t.grad * n, r.grad * n, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("embedding", ["plain", "sharded"])
+def test_every_models_loss_is_the_mean_of_its_own_sample_losses(embedding):
+    """model.loss = the weighted mean of that model's sample_losses, for every model: ESMM's
+    fused loss must not stand in for the losses of its subclasses (ESCM², DCMT)."""
+    cfg = EsmmConfig(dim=4, hidden=(8, 4), embedding=embedding)
+    batch = make_batch([1, 0, 1, 0, 1, 1, 0, 1], [1, 0, 0, 0, 1, 0, 0, 1])
+    ctr = build_model("ctr", FIELDS, cfg)
+    for name in MODELS:
+        torch.manual_seed(1)
+        m = build_model(name, FIELDS, cfg)
+        if name in NEEDS_CTR_MODEL:
+            m.set_ctr_model(ctr)
+        view = m.train_view(batch, torch.Generator().manual_seed(0))
+        want = weighted_mean(m.sample_losses(view), view.weight)
+        torch.testing.assert_close(m.loss(view), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_shared_vs_not_shared_and_dense_apart():

@@ -86,8 +86,9 @@ def test_dedup_by_field_sorts_is_one_stable_sort_of_the_sample_order():
 
 @needs_kernels
 def test_fused_dedup_groups_like_the_stable_sort():
-    """row_kernels.dedup_single: the same groups of positions as dedup_field_major (each
-    ascending; the groups' order is free); the marker left all -1; a bad id refused."""
+    """row_kernels.dedup_gather: the rows index_select gives in sample order, the same groups
+    of positions as dedup_field_major (each ascending; the groups' order is free); the
+    marker left all -1; a bad id refused, on every field (each field its own thread)."""
     from train.shard import row_kernels
 
     k = row_kernels.kernels()
@@ -96,11 +97,13 @@ def test_fused_dedup_groups_like_the_stable_sort():
     sizes = torch.tensor([f.vocab_size for f in FIELDS])
     offset = torch.cumsum(sizes, 0) - sizes
     marker = torch.full((int(sizes.sum()),), -1, dtype=torch.int32)
+    rows = torch.randn(int(sizes.sum()), 5, generator=g)
     for b in (1, 5, 64, 3000):
         vals = torch.stack([torch.randint(0, f.vocab_size, (b,), generator=g) for f in FIELDS])
-        gids, uniq, order, starts = k.dedup_single(vals, offset, marker)
+        out, uniq, order, starts = k.dedup_gather(vals, offset, marker, rows)
         grid = vals + offset[:, None]
-        assert torch.equal(gids, grid.t().reshape(-1))
+        gids = grid.t().reshape(-1)
+        assert torch.equal(out, rows[gids])
         r_uniq, r_order, r_starts = dedup_field_major(grid.clone())
         ends = torch.cat([starts[1:], torch.tensor([gids.numel()])])
         r_ends = torch.cat([r_starts[1:], torch.tensor([gids.numel()])])
@@ -114,8 +117,16 @@ def test_fused_dedup_groups_like_the_stable_sort():
         wrong = vals.clone()
         wrong[f, 7] = bad
         try:
-            k.dedup_single(wrong, offset, marker)
+            k.dedup_gather(wrong, offset, marker, rows)
             raise AssertionError(f"id {bad} of field {f} was accepted")
         except RuntimeError as e:
             assert f"embedding id {bad} of field {f} outside its table" in str(e) and "(batch row 7)" in str(e)
         assert bool((marker == -1).all())
+    wrong = vals.clone()
+    wrong[2, 9], wrong[1, 3] = -5, FIELDS[1].vocab_size  # two fields wrong: the first one is named
+    try:
+        k.dedup_gather(wrong, offset, marker, rows)
+        raise AssertionError("two bad ids were accepted")
+    except RuntimeError as e:
+        assert f"embedding id {FIELDS[1].vocab_size} of field 1 outside" in str(e) and "(batch row 3)" in str(e)
+    assert bool((marker == -1).all())

@@ -4,6 +4,7 @@ towers, and the tower precision ``auto`` resolves to."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from train import device as dev
 from train.data import Columns, FieldColumn
 from train.embedding import FieldConfig
 from train.errors import InputError
-from train.jagged import take_bags
+from train.jagged import KeyedJagged, take_bags
 from train.model import ESMM, EsmmConfig
 from train.shard import ShardedEmbeddingCollection
 
@@ -156,3 +157,77 @@ def test_tower_precision_auto_follows_the_hardware(monkeypatch):
     assert dev.resolve_tower_precision(None, "cpu") == ("bf16", "auto: this CPU has amx_bf16")
     with pytest.raises(InputError, match="tower_precision must be auto, fp32 or bf16, got 'fp16'"):
         dev.resolve_tower_precision("fp16")
+
+
+def _smaps_entry(addr: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding ``addr`` (empty if none)."""
+    block, hit = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            if hit:
+                break
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            hit, block = lo <= addr < hi, [line]
+        elif hit:
+            block.append(line)
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in block[1:])} if hit else {}
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.is_file() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_tables_and_optimizer_state_sit_in_huge_page_mappings():
+    """The rows, lazy Adam's m, v and step counts and the dedup's markers are each a
+    mapping advised MADV_HUGEPAGE (train/shard/table_memory.py), holding what torch's
+    own allocation held (the N(0, 0.01) init, zeros, all -1)."""
+    from train.shard.table_memory import MIN_BYTES
+
+    fields = [FieldConfig("user", "single", 800_000), FieldConfig("item", "single", 300_000)]  # int32s: 4.4 MB
+    emb = ShardedEmbeddingCollection(fields, 18, seed=3)
+    opt = emb.make_optimizer({"sparse_optimizer": "adam"})
+    kjt = KeyedJagged(["user", "item"], torch.tensor([5, 199_999, 7, 0]), torch.arange(5), None, 2)
+    emb(kjt)  # builds the dedup's markers
+    tables = {"rows": emb.rows, "m and v": opt.mv, "step": opt.row_state["row_step"], "marker": emb._marker}
+    for name, t in tables.items():
+        assert t.numel() * t.element_size() >= MIN_BYTES
+        entry = _smaps_entry(t.data_ptr())
+        assert "hg" in entry["VmFlags"].split() and entry["THPeligible"] == "1", f"{name}: {entry}"
+    assert not opt.mv.any() and not opt.row_state["row_step"].any() and bool((emb._marker == -1).all())
+    assert emb.rows.abs().max() < 0.1 and emb.rows.std() == pytest.approx(0.01, rel=0.05)  # N(0, init_std)
+
+
+def test_lean_adam_steps_like_fused_adam_and_resumes(monkeypatch):
+    """dense_adam's LeanAdam: bit for bit torch.optim.Adam(fused=True) over steps and across
+    a state_dict round trip, its own kernel call from the second step on (Adam's step only
+    makes the state), and Adam's step again for a parameter without a gradient."""
+    from torch import nn
+
+    from train.ctr_cvr_model import LeanAdam
+
+    torch.manual_seed(0)
+    ref_net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 2))
+    net = copy.deepcopy(ref_net)
+    ref = torch.optim.Adam(ref_net.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.01, fused=True)
+    lean = first = LeanAdam(net.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.01, fused=True)
+    adam_steps = []
+    inner = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: adam_steps.append(self) or inner(self, closure))
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        x = torch.randn(16, 20, generator=g)
+        for n, o in ((ref_net, ref), (net, lean)):
+            o.zero_grad(set_to_none=True)
+            n(x).square().mean().backward()
+            o.step()
+        if i == 2:  # resume the lean one from its state dict
+            state = copy.deepcopy(lean.state_dict())
+            lean = LeanAdam(net.parameters(), lr=1.0, fused=True)
+            lean.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(ref_net.parameters(), net.parameters())), f"step {i}"
+    assert [sum(o is x for o in adam_steps) for x in (first, lean, ref)] == [1, 0, 6]
+    net[2].bias.grad = None  # a parameter without a gradient: Adam's own step, which skips it
+    before = net[2].bias.detach().clone()
+    lean.step()
+    assert adam_steps[-1] is lean and torch.equal(net[2].bias, before)

@@ -26,7 +26,7 @@ from train.ctr_cvr_model import (  # noqa: F401  (re-exported: the model surface
 )
 from train.embedding import FieldConfig
 from train.jagged import Batch, KeyedJagged
-from train.losses import bce_log_prob, bce_logits, label_sums, log1mexp, weighted_mean  # noqa: F401
+from train.losses import bce_log_prob, bce_logits, fused_esmm_mean_loss, label_sums, log1mexp, weighted_mean  # noqa: F401
 from train.model_config import EsmmConfig, ModelKnobs, ModelShape, OptimConfig  # noqa: F401  (one per concern)
 from train.towers import MLP, TOWERS, Towers, make_tower  # noqa: F401
 
@@ -55,6 +55,16 @@ class ESMM(CtrCvrModel):
     def sample_losses(self, batch: Batch) -> torch.Tensor:
         out = self(batch.features)
         return esmm_sample_losses(out["ctr"], out["cvr"], batch.click, batch.conversion)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The mean of ``sample_losses``; unweighted, by one fused kernel where it is built
+        (ESMM's own losses only: a subclass with losses of its own takes the general path)."""
+        if self.loss_mean is not None or batch.weight is not None or batch.size == 0 \
+                or type(self).sample_losses is not ESMM.sample_losses:
+            return super().loss(batch)
+        out = self(batch.features)
+        fused = fused_esmm_mean_loss(out["ctr"], out["cvr"], batch.click, batch.conversion)
+        return fused if fused is not None else esmm_loss(out["ctr"], out["cvr"], batch.click, batch.conversion)
 
     @torch.no_grad()
     def predict(self, kjt: KeyedJagged) -> dict[str, torch.Tensor]:

@@ -32,10 +32,11 @@ Row gradients are averaged over ranks exactly as DDP averages dense gradients, s
 per-rank mean loss trains like the mean over the global batch.
 
 World size 1 (``group=None``) is the same code with the exchanges skipped; it is the
-production single-process path, so it is kept lean (one dedup, by the fused
-``dedup_single`` kernel or by F small sorts; one gather into sample order; each unique
-row's gradient summed from its samples' rows by the fused optimizer kernel as it updates
-the row, else by one embedding_bag; an update of the unique rows only).
+production single-process path, so it is kept lean (the dedup and one gather into sample
+order, in one pass of the fused ``dedup_gather`` kernel, else F small sorts and an
+index_select; each unique row's gradient summed from its samples' rows by the fused
+optimizer kernel as it updates the row, else by one embedding_bag; an update of the unique
+rows only). The tables and their optimizer state sit in 2 MB pages (table_memory.py).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from train.jagged import KeyedJagged, has_unit_offsets
 from train.shard.comm import exchange, exchange_counts, world_of
 from train.shard.optim import GroupedGrads, RowWiseOptimizer, make_row_optimizer, summed
 from train.shard.row_kernels import for_tensor
+from train.shard.table_memory import table_empty, table_full
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the init is the same for every world size
 
@@ -71,7 +73,7 @@ def init_rows(num_rows: int, dim: int, rank: int, world: int, std: float, seed: 
     The table is drawn in fixed chunks, each from its own seed, and every rank keeps its
     rows of each chunk: peak memory is one chunk, not the table.
     """
-    out = torch.empty(local_row_count(num_rows, rank, world), dim)
+    out = table_empty((local_row_count(num_rows, rank, world), dim))
     for c0 in range(0, num_rows, INIT_CHUNK):
         g = torch.Generator().manual_seed(seed * 1_000_003 + c0 // INIT_CHUNK)
         block = torch.randn(min(INIT_CHUNK, num_rows - c0), dim, generator=g).mul_(std)
@@ -127,23 +129,36 @@ class _FetchRows(torch.autograd.Function):
 
 
 class _GatherSingle(torch.autograd.Function):
-    """World size 1, every bag one value: one gather from the table straight into sample
-    order (no [U, dim] intermediate). Backward leaves each unique row's gradient unsummed:
-    the sample-order gradient rows and the dedup's groups (``order``, ``starts``) wait as
-    ``GroupedGrads``; the fused optimizer kernels sum each group in the pass that updates
-    its row, the torch ops with an embedding_bag. Either way the same sums, in the same
-    order, as index_select's backward (an index_add_)."""
+    """World size 1, every bag one value: the dedup and one gather from the table straight
+    into sample order (no [U, dim] intermediate). With the fused kernels both are one pass
+    (``dedup_gather``); else F small sorts (``dedup_field_major``) and an index_select.
+    Backward leaves each unique row's gradient unsummed: the sample-order gradient rows and
+    the dedup's groups (``order``, ``starts``) wait as ``GroupedGrads``; the fused optimizer
+    kernels sum each group in the pass that updates its row, the torch ops with an
+    embedding_bag. Either way the same sums, in the same order, as index_select's backward
+    (an index_add_)."""
 
     @staticmethod
-    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", uniq, order, starts, sample_gids):
+    def forward(ctx, dummy, emb: "ShardedEmbeddingCollection", field_major):
+        fused = for_tensor(emb.rows)
+        if fused is not None:  # one pass with a marker per row, no sort (train/shard/row_kernels.py)
+            if emb._marker is None:
+                emb._marker = table_full((emb.rows.shape[0],), -1, torch.int32)
+            out, uniq, order, starts = fused.dedup_gather(field_major, emb.field_offset, emb._marker, emb.rows)
+        else:
+            gid_grid = field_major + emb.field_offset.unsqueeze(1)  # [F, B] global ids
+            uniq, order, starts = dedup_field_major(gid_grid)
+            out = emb.rows.index_select(0, gid_grid.t().reshape(-1))  # sample order [B, F]: the output rows
+        if emb.serve_log is not None:
+            emb.serve_log.append(([uniq.numel()], uniq))
         ctx.emb, ctx.uniq, ctx.order, ctx.starts = emb, uniq, order, starts
-        return emb.rows.index_select(0, sample_gids)  # [B*F, dim]
+        return out  # [B*F, dim]
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.reshape(-1, grad.shape[-1])
         ctx.emb.pending_grads.append((ctx.uniq, GroupedGrads(grad, ctx.order, ctx.starts), True))
-        return None, None, None, None, None, None
+        return None, None, None
 
 
 class _PoolBags(torch.autograd.Function):
@@ -214,7 +229,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self.rows_per_rank = local_row_count(self.num_rows, 0, self.world)
         self.rows = init_rows(self.num_rows, dim, self.rank, self.world, init_std, seed)  # [n_local, dim]
         self._dummy = torch.zeros(1, requires_grad=True)  # gives _FetchRows an input that needs grad
-        self._marker: torch.Tensor | None = None  # dedup_single's per-row scratch (all -1 between calls)
+        self._marker: torch.Tensor | None = None  # dedup_gather's per-row scratch (all -1 between calls)
         # (rows, their gradients: summed, or GroupedGrads, rows unique?) of each backward
         self.pending_grads: list[tuple[torch.Tensor, torch.Tensor | GroupedGrads, bool]] = []
         self.serve_log: list[tuple[list[int], torch.Tensor]] | None = None  # tests: (recv_splits, gids)
@@ -292,19 +307,8 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
-        fused = for_tensor(self.rows)
-        if fused is not None:  # one pass with a marker per row, no sort (train/shard/row_kernels.py)
-            if self._marker is None:
-                self._marker = torch.full((self.rows.shape[0],), -1, dtype=torch.int32)
-            gids, uniq, order, starts = fused.dedup_single(kjt.values.view(nF, B).long().contiguous(),
-                                                           self.field_offset, self._marker)
-        else:
-            field_major = kjt.values.view(nF, B) + self.field_offset.unsqueeze(1)  # [F, B] global ids
-            gids = field_major.t().reshape(-1)  # sample order [B, F]: the order of the output rows
-            uniq, order, starts = dedup_field_major(field_major)
-        if self.serve_log is not None:
-            self.serve_log.append(([uniq.numel()], uniq))
-        return _GatherSingle.apply(self._dummy, self, uniq, order, starts, gids).view(B, nF, self.dim)
+        field_major = kjt.values.view(nF, B).long().contiguous()
+        return _GatherSingle.apply(self._dummy, self, field_major).view(B, nF, self.dim)
 
     # -- optimizer side --------------------------------------------------------
     def take_grads(self, grouped: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | GroupedGrads | None]:

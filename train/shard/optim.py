@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from train.errors import InputError
 from train.shard.row_kernels import for_tensor
+from train.shard.table_memory import table_zeros
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.shard.collection import ShardedEmbeddingCollection
@@ -130,7 +131,7 @@ class RowWiseAdagrad(RowWiseOptimizer):
 
     def __init__(self, emb: "ShardedEmbeddingCollection", lr: float = 1e-2, eps: float = 1e-8):
         super().__init__(emb, lr, eps)
-        self.row_state["sum"] = torch.zeros(emb.rows.shape[0], dtype=torch.float32, device=emb.rows.device)
+        self.row_state["sum"] = table_zeros((emb.rows.shape[0],), device=emb.rows.device)
 
     def _update(self, idx: torch.Tensor, grad: "torch.Tensor | GroupedGrads") -> None:
         s = self.row_state["sum"]
@@ -163,8 +164,7 @@ class LazyAdam(RowWiseOptimizer):
         self.b1, self.b2 = float(betas[0]), float(betas[1])
         self.bias_correction = bias_correction
         n, d, dev = emb.rows.shape[0], emb.rows.shape[1], emb.rows.device
-        self._alloc(torch.zeros(n, 2, d, dtype=torch.float32, device=dev),
-                    torch.zeros(n, dtype=torch.int32, device=dev))
+        self._alloc(table_zeros((n, 2, d), device=dev), table_zeros((n,), torch.int32, dev))
 
     def _alloc(self, mv: torch.Tensor, row_step: torch.Tensor) -> None:
         # m and v side by side ([n, 2, dim]): one gather and one scatter per step for both;
