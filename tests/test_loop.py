@@ -157,3 +157,29 @@ def test_bf16_towers_train_in_bf16_and_predict_in_fp32(data):
         assert torch.equal(torch.as_tensor(p16[k]), torch.as_tensor(p32[k])), k
     with pytest.raises(Exception, match="tower_precision"):
         train_model("esmm", train, EsmmConfig(dim=4, hidden=(16, 8), tower_precision="fp8"), cfg, progress=False)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch-ops"])
+def test_shuffled_batch_holds_the_rows_it_names(data, kernels, monkeypatch):
+    """A shuffled batch of single-value fields (Columns.gather: ids and labels in one pass
+    with the kernels) is take(rows).slice(...) of the split: every field's ids, both
+    labels, row for row."""
+    from train.shard import row_kernels
+
+    if not kernels:
+        monkeypatch.setitem(row_kernels._state, "mod", None)
+    from train.data import Columns
+
+    _, train, _ = data
+    copy_ = train.take(torch.arange(len(train)))
+    single = [i for i, c in enumerate(copy_.columns) if c.one_per_row()]  # the grid's fields
+    assert len(single) >= 3
+    cols = Columns([copy_.fields[i] for i in single], [copy_.columns[i] for i in single], copy_.click,
+                   copy_.conversion)
+    assert cols._single_grid() is not None
+    rows = cols.permutation(5, 0)[:300]
+    got, want = cols.gather(rows), cols.take(rows).slice(0, 300)
+    assert torch.equal(got.features.values, want.features.values)
+    assert torch.equal(got.features.offsets, want.features.offsets)
+    assert torch.equal(got.click, want.click) and torch.equal(got.conversion, want.conversion)
+    assert got.click.sum() > 0 and got.conversion.sum() > 0  # both labels carry positives here

@@ -116,3 +116,51 @@ def test_grouped_gradients_sum_to_the_index_add_of_the_samples():
     sample_ids = ids.t().reshape(-1)
     want = torch.zeros(100, DIM).index_add_(0, sample_ids, samples)[uniq]
     torch.testing.assert_close(GroupedGrads(samples, order, starts).sum(), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_tower_kernels_equal_the_torch_ops_on_any_thread_count():
+    """bias_relu_ and relu_grad_colsum_ (train.fused_towers): the values of relu(h + b) and
+    threshold_backward bit for bit, on a column block of a wider matrix (its other columns
+    untouched); the bias gradient within float rounding of the float64 column sums, and the
+    same bits on 1 and 2 threads (300 rows: two full blocks of 128 and a short one)."""
+    k = row_kernels.for_tensor(torch.zeros(1))
+    g = torch.Generator().manual_seed(6)
+    wide, b = torch.randn(300, 50, generator=g), torch.randn(37, generator=g)
+    h = wide[:, 5:42]
+    want = torch.relu(h + b)
+    before = wide.clone()
+    k.bias_relu_(h, b)
+    assert torch.equal(h, want) and (h == 0).any()
+    assert torch.equal(wide[:, :5], before[:, :5]) and torch.equal(wide[:, 42:], before[:, 42:])
+    grad = torch.randn(300, 37, generator=g)
+    want_g = torch.ops.aten.threshold_backward(grad, h, 0)
+    sums = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gg = grad.clone()
+            sums.append(k.relu_grad_colsum_(gg, h))
+            assert torch.equal(gg, want_g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sums[0], sums[1])
+    torch.testing.assert_close(sums[0], want_g.double().sum(0).float(), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_batch_gathered_as_the_torch_ops_do():
+    """gather_batch (a shuffled batch's ids and labels, train.data.Columns.gather) equals
+    index_select(...).t() and the labels' index_select, repeats included, and refuses a row
+    outside the grid by name."""
+    k = row_kernels.for_tensor(torch.zeros(1, dtype=torch.int64), torch.int64)
+    g = torch.Generator().manual_seed(7)
+    grid = torch.randint(0, 10**9, (500, 23), generator=g)
+    click, conv = torch.rand(500, generator=g), torch.rand(500, generator=g)
+    rows = torch.randint(0, 500, (700,), generator=g)
+    ids, c, z = k.gather_batch(grid, rows, [click, conv])
+    assert torch.equal(ids, grid.index_select(0, rows).t())
+    assert torch.equal(c, click[rows]) and torch.equal(z, conv[rows])
+    with pytest.raises(RuntimeError, match="row 500 outside the grid's 500 rows"):
+        k.gather_batch(grid, torch.tensor([3, 500]), [])

@@ -82,7 +82,14 @@ def _esmm(hidden=(20, 7), activation="relu"):
     ((20, 7, 5), "relu", "SharedReluTowersBackward"),
     ((20, 7), "gelu", "AddmmBackward"),  # not all ReLU: the fused first layer through autograd
 ])
-def test_fused_towers_equal_separate_towers(hidden, activation, fn):
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch-ops"])
+def test_fused_towers_equal_separate_towers(hidden, activation, fn, kernels, monkeypatch):
+    """With the fused kernels (bias + ReLU, ReLU backward + bias gradient: one pass each)
+    and without them (ESMM_ROW_KERNELS=off, no compiler, CUDA)."""
+    from train.shard import row_kernels
+
+    if not kernels:
+        monkeypatch.setitem(row_kernels._state, "mod", None)
     m = _esmm(hidden, activation)
     fused = copy.deepcopy(m)
     assert dev.fuse_shared_towers(fused.dense)

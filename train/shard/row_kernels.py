@@ -1,5 +1,5 @@
-"""Fused CPU kernels for the embedding rows (sparse optimizer updates, the dedup and gather)
-and for ESMM's loss.
+"""Fused CPU kernels for the embedding rows (sparse optimizer updates, the dedup and gather),
+for ESMM's loss, a shuffled batch's gather and the towers' elementwise passes.
 
 The torch-ops update of lazy Adam gathers the touched rows' m and v, their step counts
 and their embedding rows, runs ~10 elementwise ops over them and scatters all three back:
@@ -17,8 +17,12 @@ all-single batch at world size 1 with a marker per row instead of a sort (the sa
 of positions) and copies each value's row into sample order in the same pass. Work is
 handed to the threads in small blocks as they get free (``dynamic_for``): rows of a
 4M-row table cost several times those of a cached one. ``esmm_loss`` is ESMM's mean loss
-and its two logit gradients in one pass (``train.losses``). All are tested against the
-torch ops (tests/test_row_kernels.py, tests/test_shard_single.py, tests/test_model.py).
+and its two logit gradients in one pass (``train.losses``). ``gather_batch`` builds a
+shuffled batch (ids field-major and labels, prefetched; ``train.data``); ``bias_relu_`` and
+``relu_grad_colsum_`` are the towers' elementwise passes, each one pass where torch takes
+two or three (``train.fused_towers``). All are tested against the torch ops
+(tests/test_row_kernels.py, tests/test_shard_single.py, tests/test_model.py,
+tests/test_train_fast_paths.py, tests/test_loop.py).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~25 s
 once per machine, cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``;
@@ -332,6 +336,104 @@ std::vector<torch::Tensor> esmm_loss(torch::Tensor a, torch::Tensor b, torch::Te
   return {torch::tensor(static_cast<float>(total / static_cast<double>(n))), da, db};
 }
 
+// A shuffled batch: its ids field-major, out [F, B] = grid[rows].t() (grid [n, F] int64
+// contiguous, rows [B] int64), and each of `cols` (float [n], the labels) at rows, in one
+// pass; the grid rows (3-4 cache lines each, anywhere in a split far larger than the
+// cache) and the labels prefetched AHEAD rows on. Returns [out, cols[0][rows], ...].
+std::vector<torch::Tensor> gather_batch(torch::Tensor grid, torch::Tensor rows, std::vector<torch::Tensor> cols) {
+  TORCH_CHECK(grid.is_contiguous() && grid.scalar_type() == at::kLong && grid.dim() == 2, "grid: contiguous int64 [n, F]");
+  TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == at::kLong && rows.dim() == 1, "rows: contiguous int64 [B]");
+  const int64_t n = grid.size(0), F = grid.size(1), B = rows.numel(), C = cols.size();
+  for (const auto& c : cols)
+    TORCH_CHECK(c.is_contiguous() && c.scalar_type() == at::kFloat && c.dim() == 1 && c.numel() == n, "cols: contiguous float [n]");
+  const int64_t* G = grid.data_ptr<int64_t>();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) TORCH_CHECK(R[i] >= 0 && R[i] < n, "row ", R[i], " outside the grid's ", n, " rows");
+  std::vector<torch::Tensor> out{torch::empty({F, B}, grid.options())};
+  std::vector<const float*> src;
+  std::vector<float*> dst;
+  for (const auto& c : cols) {
+    out.push_back(torch::empty({B}, c.options()));
+    src.push_back(c.data_ptr<float>());
+    dst.push_back(out.back().data_ptr<float>());
+  }
+  int64_t* O = out[0].data_ptr<int64_t>();
+  at::parallel_for(0, B, 256, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      if (i + AHEAD < b) {
+        const int64_t q = R[i + AHEAD];
+        for (int64_t o = 0; o < F * 8; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(G + q * F) + o, 0);
+        for (int64_t c = 0; c < C; ++c) __builtin_prefetch(src[c] + q, 0);
+      }
+      const int64_t r = R[i];
+      const int64_t* g = G + r * F;
+      for (int64_t f = 0; f < F; ++f) O[f * B + i] = g[f];
+      for (int64_t c = 0; c < C; ++c) dst[c][i] = src[c][r];
+    }
+  });
+  return out;
+}
+
+// The towers' elementwise passes, fused (train.fused_towers). h [B, n] float, rows at any
+// stride (a column block of a wider matrix), columns contiguous; b [n].
+static void check_rows(const torch::Tensor& h, const char* what) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.stride(1) == 1 && h.stride(0) >= h.size(1),
+              what, ": float [B, n], contiguous columns");
+}
+
+// h = relu(h + b) in place: the bias and the activation in one pass over a matmul's output
+// (addmm would first copy the bias into every row, then the ReLU reads it all again).
+void bias_relu_(torch::Tensor h, torch::Tensor b) {
+  check_rows(h, "h");
+  TORCH_CHECK(b.is_contiguous() && b.scalar_type() == at::kFloat && b.numel() == h.size(1), "b: float [n]");
+  const int64_t B = h.size(0), n = h.size(1), ld = h.stride(0);
+  float* H = h.data_ptr<float>();
+  const float* __restrict__ bias = b.data_ptr<float>();
+  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* __restrict__ row = H + r * ld;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) row[j] = std::max(row[j] + bias[j], 0.0f);
+    }
+  });
+}
+
+// ReLU's backward and the bias gradient in one pass: g = g * (h > 0) in place (g [B, n]
+// contiguous, h the ReLU's output), returns the column sums of the new g ([n]). Rows are
+// summed in blocks of 128 (float), the blocks' sums in order (double): the same result on
+// any number of threads.
+torch::Tensor relu_grad_colsum_(torch::Tensor g, torch::Tensor h) {
+  check_rows(h, "h");
+  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.sizes() == h.sizes(), "g: contiguous float, h's shape");
+  const int64_t B = g.size(0), n = g.size(1), ld = h.stride(0), blk = 128, nb = (B + blk - 1) / blk;
+  float* G = g.data_ptr<float>();
+  const float* Hp = h.data_ptr<float>();
+  std::vector<float> part(nb * n, 0.0f);
+  at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      float* __restrict__ acc = part.data() + k * n;
+      for (int64_t r = k * blk; r < std::min(B, (k + 1) * blk); ++r) {
+        float* __restrict__ gr = G + r * n;
+        const float* __restrict__ hr = Hp + r * ld;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < n; ++j) {
+          const float x = hr[j] > 0.0f ? gr[j] : 0.0f;
+          gr[j] = x;
+          acc[j] += x;
+        }
+      }
+    }
+  });
+  auto out = torch::empty({n}, g.options());
+  float* O = out.data_ptr<float>();
+  for (int64_t j = 0; j < n; ++j) {
+    double s = 0.0;
+    for (int64_t k = 0; k < nb; ++k) s += part[k * n + j];
+    O[j] = static_cast<float>(s);
+  }
+  return out;
+}
+
 // Row-wise Adagrad. sum [N] float: s += mean(g^2); row -= lr * g / (sqrt(s) + eps).
 void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, torch::Tensor grad,
                      torch::Tensor order, torch::Tensor starts, double lr, double eps) {
@@ -366,6 +468,7 @@ void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, t
 """
 
 _NAME = "esmm_row_kernels"
+_profiling = torch._C._autograd._profiler_enabled  # True under torch.profiler
 _state: dict = {}
 
 
@@ -383,7 +486,8 @@ def switched_off() -> bool:
 
 
 def kernels():
-    """The built extension (``lazy_adam``, ``rowwise_adagrad``, ``dedup_gather``, ``esmm_loss``), or None:
+    """The built extension (``lazy_adam``, ``rowwise_adagrad``, ``dedup_gather``, ``esmm_loss``,
+    ``gather_batch``, ``bias_relu_``, ``relu_grad_colsum_``), or None:
     switched off, or not buildable here (said once on stderr)."""
     if "mod" in _state:
         return _state["mod"]
@@ -395,7 +499,8 @@ def kernels():
             from torch.utils.cpp_extension import load_inline
 
             _ninja_on_path()
-            mod = load_inline(_NAME, cpp_sources=_SOURCE, functions=["lazy_adam", "rowwise_adagrad", "dedup_gather", "esmm_loss"],
+            mod = load_inline(_NAME, cpp_sources=_SOURCE, functions=["lazy_adam", "rowwise_adagrad", "dedup_gather", "esmm_loss",
+                                                             "bias_relu_", "relu_grad_colsum_", "gather_batch"],
                               extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], verbose=False)
         except Exception as e:  # noqa: BLE001  (no compiler, no ninja, read-only cache: torch ops instead)
             why = f"not built: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
@@ -417,15 +522,17 @@ class _Named:
         fn = getattr(self._mod, name)
 
         def call(*args):
+            if not _profiling():  # the label costs ~5 us a call
+                return fn(*args)
             with torch.profiler.record_function(f"{_NAME}::{name}"):
                 return fn(*args)
         setattr(self, name, call)
         return call
 
 
-def for_tensor(t: torch.Tensor):
-    """The kernels when ``t`` (a table of rows) can use them: CPU, float32; else None."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+def for_tensor(t: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """The kernels when ``t`` (a table of rows) can use them: CPU, ``dtype``; else None."""
+    if t.device.type != "cpu" or t.dtype != dtype:
         return None
     mod = kernels()
     if mod is None:
