@@ -73,8 +73,9 @@ static void check(const torch::Tensor& rows, const torch::Tensor& idx, const tor
               && grad.size(1) == rows.size(1), "grad: contiguous float [n, d]");
 }
 
+template <int RW = 1>  // 1: the lines will be written, 0: only read
 static inline void fetch(const void* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 1);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, RW);
 }
 
 static inline void add_row(float* __restrict__ acc, const float* __restrict__ x, int64_t d) {
@@ -362,7 +363,7 @@ std::vector<torch::Tensor> gather_batch(torch::Tensor grid, torch::Tensor rows, 
     for (int64_t i = a; i < b; ++i) {
       if (i + AHEAD < b) {
         const int64_t q = R[i + AHEAD];
-        for (int64_t o = 0; o < F * 8; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(G + q * F) + o, 0);
+        fetch<0>(G + q * F, F * sizeof(int64_t));
         for (int64_t c = 0; c < C; ++c) __builtin_prefetch(src[c] + q, 0);
       }
       const int64_t r = R[i];

@@ -1,4 +1,5 @@
-"""Memory for the embedding tables and their row-wise optimizer state: 2 MB pages.
+"""Memory for the embedding tables and their row-wise optimizer state (and a split's id
+grid, ``train.data``, whose rows a shuffled batch reads at random): 2 MB pages.
 
 A step reads and writes ~15-20k random rows of tables of 0.1-1 GB (rows, Adam's m and v,
 the step counts, the dedup's markers). On 4 KB pages nearly every row is a TLB miss with
