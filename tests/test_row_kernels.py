@@ -150,6 +150,39 @@ def test_tower_kernels_equal_the_torch_ops_on_any_thread_count():
 
 
 @needs_kernels
+def test_head_kernels_equal_the_torch_ops_on_any_thread_count():
+    """head_forward and head_backward (a tower's output layer and the ReLU below it,
+    train.fused_towers) against addmm, mm and threshold_backward, on a column block of a
+    wider matrix: the input's gradient bit for bit, the sums within float rounding of
+    float64 and the same bits on 1 and 2 threads (300 rows: two blocks of 128 and a short
+    one); transpose_copy equals a transposing copy on a shape that is no tile multiple."""
+    k = row_kernels.for_tensor(torch.zeros(1))
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(300, 50, generator=g)[:, 5:42].relu()
+    w, b, grad = torch.randn(1, 37, generator=g), torch.randn(1, generator=g), torch.randn(300, 1, generator=g)
+    torch.testing.assert_close(k.head_forward(h, w.reshape(-1), b), torch.addmm(b, h, w.t()), rtol=1e-6, atol=1e-6)
+    want_gin = torch.ops.aten.threshold_backward(grad.mm(w), h, 0)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(k.head_backward(grad.reshape(-1), h, w.reshape(-1)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
+    gin, dw, db, db_in = outs[0]
+    assert torch.equal(gin, want_gin) and (gin == 0).any()
+    g64, h64 = grad.double(), h.double()
+    torch.testing.assert_close(dw, (g64.t() @ h64).reshape(-1).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, g64.sum(0).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db_in, want_gin.double().sum(0).float(), rtol=1e-5, atol=1e-6)
+    y = torch.randn(70, 45, generator=g)
+    assert torch.equal(k.transpose_copy(y), y.t().contiguous())
+
+
+@needs_kernels
 def test_batch_gathered_as_the_torch_ops_do():
     """gather_batch (a shuffled batch's ids and labels, train.data.Columns.gather) equals
     index_select(...).t() and the labels' index_select, repeats included, and refuses a row

@@ -14,15 +14,17 @@ for bit, without writing them out. The row loop is written so that g++ vectorize
 (``__restrict__`` pointers, ``-fno-math-errno`` so ``sqrt`` needs no errno path): the
 same IEEE results, ~1.6x faster on cached rows. ``dedup_gather`` deduplicates an
 all-single batch at world size 1 with a marker per row instead of a sort (the same groups
-of positions) and copies each value's row into sample order in the same pass. Work is
+of positions), then copies the rows into sample order, sample by sample. Work is
 handed to the threads in small blocks as they get free (``dynamic_for``): rows of a
 4M-row table cost several times those of a cached one. ``esmm_loss`` is ESMM's mean loss
 and its two logit gradients in one pass (``train.losses``). ``gather_batch`` builds a
 shuffled batch (ids field-major and labels, prefetched; ``train.data``); ``bias_relu_`` and
 ``relu_grad_colsum_`` are the towers' elementwise passes, each one pass where torch takes
-two or three (``train.fused_towers``). All are tested against the torch ops
-(tests/test_row_kernels.py, tests/test_shard_single.py, tests/test_model.py,
-tests/test_train_fast_paths.py, tests/test_loop.py).
+two or three; ``head_forward`` and ``head_backward`` a tower's output layer (and the ReLU
+below it, backward) in one pass where torch takes four or five small calls;
+``transpose_copy`` a transposing copy on every thread (``train.fused_towers``). All are
+tested against the torch ops (tests/test_row_kernels.py, tests/test_shard_single.py,
+tests/test_model.py, tests/test_train_fast_paths.py, tests/test_loop.py).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~25 s
 once per machine, cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``;
@@ -187,8 +189,11 @@ void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::
 // group begins. Each field's values, groups and positions have a range of their own (its
 // B values fill order[f*B .. (f+1)*B)), so the fields run on all threads (largest table
 // first, each thread taking the next field) with nothing shared but the row counts of the
-// fields before them, and each field's markers (a range of their own) stay in cache. An id outside its own field's rows is refused, naming the
-// field and the batch row.
+// fields before them, and each field's markers (a range of their own) stay in cache. The
+// rows are gathered after the marking, sample by sample on all threads: each output row is
+// written whole and in order (gathered field by field, each sample's 72 bytes of a field
+// landed in lines that other fields' passes wrote too: ~0.15 ms more at Ali-CCP's sizes).
+// An id outside its own field's rows is refused, naming the field and the batch row.
 std::vector<torch::Tensor> dedup_gather(torch::Tensor values, torch::Tensor offset, torch::Tensor marker,
                                         torch::Tensor rows) {
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == at::kLong && values.dim() == 2, "values: int64 [F, B]");
@@ -235,10 +240,7 @@ std::vector<torch::Tensor> dedup_gather(torch::Tensor values, torch::Tensor offs
       int32_t* iv = Iv + f * B;
       int32_t U = 0;
       for (int64_t b = 0; b < B; ++b) {
-        if (b + AHEAD < B) {
-          __builtin_prefetch(M + lo + v[b + AHEAD], 1);
-          fetch(R + (lo + v[b + AHEAD]) * d, d * sizeof(float));
-        }
+        if (b + 2 * AHEAD < B) __builtin_prefetch(M + lo + v[b + 2 * AHEAD], 1);
         const int64_t g = lo + v[b];
         int32_t u = M[g];
         if (u < 0) {
@@ -249,9 +251,19 @@ std::vector<torch::Tensor> dedup_gather(torch::Tensor values, torch::Tensor offs
         }
         iv[b] = u;
         ++ct[u];
-        std::memcpy(Out + (b * F + f) * d, R + g * d, d * sizeof(float));
       }
       nu[f] = U;
+    }
+  });
+  // the gather, sample by sample: each output row written whole and in order, the table
+  // rows prefetched a few samples ahead (every field's id of a sample is known by now)
+  const bool any_bad = std::any_of(bad.begin(), bad.end(), [](int64_t x) { return x >= 0; });
+  if (!any_bad) at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (b + 2 < b1)
+        for (int64_t f = 0; f < F; ++f) fetch<0>(R + (O[f] + V[f * B + b + 2]) * d, d * sizeof(float));
+      float* o = Out + b * F * d;
+      for (int64_t f = 0; f < F; ++f) std::memcpy(o + f * d, R + (O[f] + V[f * B + b]) * d, d * sizeof(float));
     }
   });
   std::vector<int64_t> base(F + 1, 0);  // field f's groups are uniq[base[f] .. base[f+1])
@@ -435,6 +447,113 @@ torch::Tensor relu_grad_colsum_(torch::Tensor g, torch::Tensor h) {
   return out;
 }
 
+// c ? p : +0.0f as a bit mask: g++ does not vectorize a select around a multiply
+// (-ftrapping-math keeps the multiply conditional); the mask gives the same bits.
+static inline float keep_if(bool c, float p) {
+  uint32_t u;
+  std::memcpy(&u, &p, sizeof u);
+  u &= -static_cast<uint32_t>(c);
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// A tower's output layer (hidden size n -> 1), forward: out[b] = h[b] . w + bias (h [B, n]
+// with contiguous columns, w [n], bias [1]; out [B, 1]). One pass over h where addmm, with
+// a [B, n] x [n, 1] matmul, costs more in its call than in its arithmetic.
+torch::Tensor head_forward(torch::Tensor h, torch::Tensor w, torch::Tensor bias) {
+  check_rows(h, "h");
+  const int64_t B = h.size(0), n = h.size(1), ld = h.stride(0);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.numel() == n, "w: float [n]");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == 1, "bias: float [1]");
+  auto out = torch::empty({B, 1}, h.options());
+  const float* Hp = h.data_ptr<float>();
+  const float* __restrict__ W = w.data_ptr<float>();
+  const float b0 = bias.item<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict__ hr = Hp + r * ld;
+      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 running sums: vectorized
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += hr[j + l] * W[j + l];
+      for (; j < n; ++j) acc[j % 8] += hr[j] * W[j];
+      O[r] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + b0;
+    }
+  });
+  return out;
+}
+
+// The same layer's backward and the ReLU's before it, in one pass over h (that ReLU's
+// output): g [B] the output's gradient, w [n]. Returns (gin [B, n] = g[b] * w[j] * (h > 0),
+// the gradient below; dw [n] = sum_b g[b] h[b]; db [1] = sum_b g[b]; db_in [n] = the column
+// sums of gin, the bias gradient of the layer below). Sums in blocks of 128 rows (float),
+// the blocks in order (double), as relu_grad_colsum_: the same result on any thread count.
+std::vector<torch::Tensor> head_backward(torch::Tensor g, torch::Tensor h, torch::Tensor w) {
+  check_rows(h, "h");
+  const int64_t B = h.size(0), n = h.size(1), ld = h.stride(0), blk = 128, nb = (B + blk - 1) / blk;
+  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.numel() == B, "g: contiguous float [B]");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.numel() == n, "w: float [n]");
+  auto gin = torch::empty({B, n}, h.options());
+  const float* Gp = g.data_ptr<float>();
+  const float* Hp = h.data_ptr<float>();
+  const float* __restrict__ W = w.data_ptr<float>();
+  float* Gi = gin.data_ptr<float>();
+  std::vector<float> part(nb * (2 * n + 1), 0.0f);  // per block: dw, db_in, db
+  at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      float* __restrict__ dw = part.data() + k * (2 * n + 1);
+      float* __restrict__ dbi = dw + n;
+      float db = 0.0f;
+      for (int64_t r = k * blk; r < std::min(B, (k + 1) * blk); ++r) {
+        const float gr = Gp[r];
+        const float* __restrict__ hr = Hp + r * ld;
+        float* __restrict__ out = Gi + r * n;
+        db += gr;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < n; ++j) {
+          const float x = keep_if(hr[j] > 0.0f, gr * W[j]);
+          out[j] = x;
+          dbi[j] += x;
+          dw[j] += gr * hr[j];
+        }
+      }
+      dw[2 * n] = db;
+    }
+  });
+  auto dw = torch::empty({n}, h.options()), dbi = torch::empty({n}, h.options()), db = torch::empty({1}, h.options());
+  float* Dw = dw.data_ptr<float>();
+  float* Dbi = dbi.data_ptr<float>();
+  for (int64_t j = 0; j <= 2 * n; ++j) {
+    double s = 0.0;
+    for (int64_t k = 0; k < nb; ++k) s += part[k * (2 * n + 1) + j];
+    if (j < n) Dw[j] = static_cast<float>(s);
+    else if (j < 2 * n) Dbi[j - n] = static_cast<float>(s);
+    else db.data_ptr<float>()[0] = static_cast<float>(s);
+  }
+  return {gin, dw, db, dbi};
+}
+
+// out = src^T for a contiguous float [m, n] src: 32x32 tiles over the threads. torch's
+// transposing copy runs on one thread (~0.18 ms of a step for the fused first layer's
+// [414, 400] weight gradient, the other thread idle meanwhile).
+torch::Tensor transpose_copy(torch::Tensor src) {
+  TORCH_CHECK(src.is_contiguous() && src.scalar_type() == at::kFloat && src.dim() == 2, "src: contiguous float [m, n]");
+  const int64_t m = src.size(0), n = src.size(1), T = 32, tm = (m + T - 1) / T, tn = (n + T - 1) / T;
+  auto out = torch::empty({n, m}, src.options());
+  const float* S = src.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, tm * tn, 8, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t i0 = (t / tn) * T, j0 = (t % tn) * T, i1 = std::min(m, i0 + T), j1 = std::min(n, j0 + T);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) O[j * m + i] = S[i * n + j];
+    }
+  });
+  return out;
+}
+
 // Row-wise Adagrad. sum [N] float: s += mean(g^2); row -= lr * g / (sqrt(s) + eps).
 void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, torch::Tensor grad,
                      torch::Tensor order, torch::Tensor starts, double lr, double eps) {
@@ -501,7 +620,8 @@ def kernels():
 
             _ninja_on_path()
             mod = load_inline(_NAME, cpp_sources=_SOURCE, functions=["lazy_adam", "rowwise_adagrad", "dedup_gather", "esmm_loss",
-                                                             "bias_relu_", "relu_grad_colsum_", "gather_batch"],
+                                                             "bias_relu_", "relu_grad_colsum_", "gather_batch",
+                                                             "head_forward", "head_backward", "transpose_copy"],
                               extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], verbose=False)
         except Exception as e:  # noqa: BLE001  (no compiler, no ninja, read-only cache: torch ops instead)
             why = f"not built: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
