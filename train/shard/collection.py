@@ -325,8 +325,8 @@ class ShardedEmbeddingCollection(nn.Module):
     def make_optimizer(self, cfg: dict | None = None) -> RowWiseOptimizer:
         """Sparse row-wise optimizer for this shard's rows (``sparse_optimizer``: adam | adagrad).
         At world size 1 with the fused kernels the dedup's marker is made here too, with the
-        rest of the training state (made in the first step, the 9.18M rows of Ali-CCP's sizes
-        took ~57 ms of it)."""
+        rest of the training state: made lazily, it took ~57 ms of the first step at the
+        9.18M rows of Ali-CCP's sizes."""
         if self.world == 1 and for_tensor(self.rows) is not None:
             self.dedup_marker()
         return make_row_optimizer(self, cfg)
