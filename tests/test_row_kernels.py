@@ -75,33 +75,42 @@ def test_off_switch_and_other_devices():
 
 
 @needs_kernels
+@pytest.mark.parametrize("n_fields", [3, 1])
 @pytest.mark.parametrize("cfg", [{"sparse_optimizer": "adam", "sparse_lr": 0.01},
                                  {"sparse_optimizer": "adagrad", "sparse_lr": 0.1}], ids=["adam", "adagrad"])
-def test_grouped_gradients_summed_in_the_kernel_as_embedding_bag_sums_them(cfg):
+def test_grouped_gradients_summed_in_the_kernel_as_embedding_bag_sums_them(cfg, n_fields):
     """World size 1 leaves the rows' gradients unsummed (GroupedGrads: every sample's row and
     the dedup's groups); the kernels sum each group in their pass. Bit for bit what the
-    same kernels do with embedding_bag's sums, over steps that carry state over."""
+    same kernels do with embedding_bag's sums, over steps that carry state over; the same
+    with the samples' rows as a [B, F, dim] view whose samples lie further apart (the towers'
+    padded input gradient), the gaps holding garbage that a wrong stride would read."""
     from train.shard.collection import dedup_field_major
     from train.shard.optim import GroupedGrads
 
     assert row_kernels.kernels() is not None
     out = []
-    for grouped in (True, False):
+    for mode in ("grouped", "strided", "summed"):
         emb = ShardedEmbeddingCollection([FieldConfig("f", "single", N_ROWS)], DIM, init_std=0.1, seed=1)
         opt = make_row_optimizer(emb, cfg)
         g = torch.Generator().manual_seed(4)
         for _ in range(6):
-            ids = torch.randint(0, 900, (3, 400), generator=g) + torch.tensor([[0], [1500], [3000]])  # [F, B]
+            ids = torch.randint(0, 900, (n_fields, 400), generator=g) \
+                + torch.tensor([[0], [1500], [3000]])[:n_fields]  # [F, B]
             uniq, order, starts = dedup_field_major(ids)
             samples = torch.randn(ids.numel(), DIM, generator=g)
+            if mode == "strided":
+                wide = torch.full((400, n_fields * DIM + 5), float("nan"))
+                wide[:, :n_fields * DIM] = samples.view(400, n_fields * DIM)
+                samples = wide[:, :n_fields * DIM].view(400, n_fields, DIM)
             gg = GroupedGrads(samples, order, starts)
-            emb.pending_grads.append((uniq, gg if grouped else gg.sum(), True))
+            emb.pending_grads.append((uniq, gg.sum() if mode == "summed" else gg, True))
             opt.step()
         out.append((emb.rows.clone(), opt.state_dict()["rows"]))
-    (rows_g, state_g), (rows_s, state_s) = out
-    assert torch.equal(rows_g, rows_s)
-    for name in state_s:
-        assert torch.equal(state_g[name], state_s[name]), name
+    (rows_s, state_s) = out[-1]
+    for rows, state in out[:-1]:
+        assert torch.equal(rows, rows_s)
+        for name in state_s:
+            assert torch.equal(state[name], state_s[name]), name
 
 
 def test_grouped_gradients_sum_to_the_index_add_of_the_samples():
@@ -116,6 +125,10 @@ def test_grouped_gradients_sum_to_the_index_add_of_the_samples():
     sample_ids = ids.t().reshape(-1)
     want = torch.zeros(100, DIM).index_add_(0, sample_ids, samples)[uniq]
     torch.testing.assert_close(GroupedGrads(samples, order, starts).sum(), want, rtol=1e-6, atol=1e-6)
+    wide = torch.full((300, 2 * DIM + 3), float("nan"))  # samples further apart: [B, F, dim] view
+    wide[:, :2 * DIM] = samples.view(300, 2 * DIM)
+    strided = wide[:, :2 * DIM].view(300, 2, DIM)
+    torch.testing.assert_close(GroupedGrads(strided, order, starts).sum(), want, rtol=1e-6, atol=1e-6)
 
 
 @needs_kernels

@@ -150,11 +150,12 @@ class _GatherSingle(torch.autograd.Function):
         if emb.serve_log is not None:
             emb.serve_log.append(([uniq.numel()], uniq))
         ctx.emb, ctx.uniq, ctx.order, ctx.starts = emb, uniq, order, starts
-        return out  # [B*F, dim]
+        return out.view(field_major.shape[1], field_major.shape[0], -1)  # [B, F, dim]
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.reshape(-1, grad.shape[-1])
+        # [B, F, dim] as it came: the towers' input gradient may be a view of a wider matmul
+        # output (train.fused_towers pads it); the kernels read it in place, no copy
         ctx.emb.pending_grads.append((ctx.uniq, GroupedGrads(grad, ctx.order, ctx.starts), True))
         return None, None, None
 
@@ -306,7 +307,7 @@ class ShardedEmbeddingCollection(nn.Module):
     def _forward_single_local(self, kjt: KeyedJagged) -> torch.Tensor:
         B, nF = kjt.batch_size, len(self.fields)
         field_major = kjt.values.view(nF, B).long().contiguous()
-        return _GatherSingle.apply(self._dummy, self, field_major).view(B, nF, self.dim)
+        return _GatherSingle.apply(self._dummy, self, field_major)  # [B, F, dim]
 
     # -- optimizer side --------------------------------------------------------
     def take_grads(self, grouped: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | GroupedGrads | None]:

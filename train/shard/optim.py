@@ -34,16 +34,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class GroupedGrads(NamedTuple):
     """The touched rows' gradients before they are summed: every sample's gradient row
-    (``samples`` [P, dim], sample order) and the positions of each unique row's samples
-    (``order[starts[u]:starts[u + 1]]``, from the dedup). The fused kernels sum each group
-    in the pass that updates its row; ``sum()`` gives the [U, dim] sums for the torch ops."""
+    (``samples``: [P, dim] in sample order, or [B, F, dim] with each sample's F rows side by
+    side, samples possibly further apart: the towers' padded input gradient, as it came)
+    and the positions of each unique row's samples (``order[starts[u]:starts[u + 1]]``, from
+    the dedup). The fused kernels sum each group in the pass that updates its row; ``sum()``
+    gives the [U, dim] sums for the torch ops."""
 
     samples: torch.Tensor
     order: torch.Tensor
     starts: torch.Tensor
 
     def sum(self) -> torch.Tensor:
-        return F.embedding_bag(self.order, self.samples, self.starts, mode="sum")  # [U, dim]
+        rows = self.samples.reshape(-1, self.samples.shape[-1])
+        return F.embedding_bag(self.order, rows, self.starts, mode="sum")  # [U, dim]
 
 
 def summed(grad: "torch.Tensor | GroupedGrads") -> torch.Tensor:
@@ -53,9 +56,13 @@ def summed(grad: "torch.Tensor | GroupedGrads") -> torch.Tensor:
 
 def kernel_grads(grad: "torch.Tensor | GroupedGrads") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad, order, starts) as the fused kernels take them: empty order and starts when the
-    rows' gradients are summed already."""
+    rows' gradients are summed already. A [B, F, dim] ``samples`` whose rows lie side by side
+    within each sample goes as it is (the kernels step over the gap between samples)."""
     if isinstance(grad, GroupedGrads):
-        return grad.samples.contiguous(), grad.order, grad.starts
+        g = grad.samples
+        d = g.shape[-1]
+        strided = g.dim() == 3 and g.stride(2) == 1 and g.stride(1) == d and g.stride(0) >= g.shape[1] * d
+        return (g if strided else g.reshape(-1, d).contiguous()), grad.order, grad.starts
     none = torch.empty(0, dtype=torch.long)
     return grad.contiguous(), none, none
 

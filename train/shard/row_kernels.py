@@ -68,11 +68,9 @@ static void dynamic_for(int64_t n, int64_t block, const Fn& fn) {
   });
 }
 
-static void check(const torch::Tensor& rows, const torch::Tensor& idx, const torch::Tensor& grad) {
+static void check(const torch::Tensor& rows, const torch::Tensor& idx) {
   TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == at::kFloat && rows.dim() == 2, "rows: contiguous float [N, d]");
   TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong, "idx: contiguous int64");
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == at::kFloat && grad.dim() == 2
-              && grad.size(1) == rows.size(1), "grad: contiguous float [n, d]");
 }
 
 template <int RW = 1>  // 1: the lines will be written, 0: only read
@@ -86,17 +84,34 @@ static inline void add_row(float* __restrict__ acc, const float* __restrict__ x,
 }
 
 // The gradient of each touched row: grad[i] ([n, d]), or, when order and starts are given
-// (dedup_gather's groups), the sum of its samples' gradient rows grad[order[starts[i]] ..]
-// ([P, d], sample order): summed here in the pass that updates the row, from 0 in the
-// group's order, the sums embedding_bag(order, grad, starts) gives, without writing them.
+// (dedup_gather's groups), the sum of its samples' gradient rows at the positions
+// order[starts[i]] .. (sample order): summed here in the pass that updates the row, from 0
+// in the group's order, the sums embedding_bag(order, grad, starts) gives, without writing
+// them. The samples' rows: grad [P, d] contiguous, or [B, F, d] with each sample's F rows
+// side by side and samples `sample_stride` floats apart (the towers' input gradient as its
+// padded matmul wrote it, train.fused_towers): position p is row p % F of sample p / F.
 struct RowGrads {
   const float* G;
   const int64_t* Or = nullptr;
   const int64_t* St = nullptr;
-  int64_t n, P, d;
+  int64_t n, P, d, nf = 1, sample_stride;
+  uint64_t inv_nf = 0;  // 2^64 / nf rounded up: p / nf as one multiply, exact for 32-bit p (Lemire et al. 2019)
 
-  RowGrads(const torch::Tensor& grad, const torch::Tensor& order, const torch::Tensor& starts, int64_t n_rows)
-      : G(grad.data_ptr<float>()), n(n_rows), P(grad.size(0)), d(grad.size(1)) {
+  RowGrads(const torch::Tensor& grad, const torch::Tensor& order, const torch::Tensor& starts, int64_t n_rows,
+           int64_t dim)
+      : G(grad.data_ptr<float>()), n(n_rows), d(dim), sample_stride(dim) {
+    TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.size(-1) == d && grad.stride(-1) == 1, "grad: float [.., d]");
+    if (grad.dim() == 3) {
+      TORCH_CHECK(order.numel() > 0 && grad.stride(1) == d && grad.stride(0) >= grad.size(1) * d
+                  && grad.numel() < (int64_t(1) << 32), "grad [B, F, d]: each sample's F rows side by side");
+      nf = grad.size(1);
+      inv_nf = nf > 1 ? ~uint64_t(0) / uint64_t(nf) + 1 : 0;
+      sample_stride = grad.stride(0);
+      P = grad.size(0) * nf;
+    } else {
+      TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad: contiguous float [n, d]");
+      P = grad.size(0);
+    }
     if (order.numel() == 0) {
       TORCH_CHECK(P == n, "grad: one row per touched row");
       return;
@@ -108,13 +123,20 @@ struct RowGrads {
     St = starts.data_ptr<int64_t>();
   }
 
+  inline const float* sample(int64_t p) const {  // position p's gradient row
+    if (sample_stride == nf * d) return G + p * d;  // contiguous
+    if (nf == 1) return G + p * sample_stride;
+    const int64_t b = static_cast<int64_t>((static_cast<unsigned __int128>(inv_nf) * static_cast<uint64_t>(p)) >> 64);
+    return G + b * sample_stride + (p - b * nf) * d;
+  }
+
   inline const float* row(int64_t i, float* buf) const {
     if (Or == nullptr) return G + i * d;
     const int64_t end = i + 1 < n ? St[i + 1] : P;
     for (int64_t j = 0; j < d; ++j) buf[j] = 0.0f;
     for (int64_t k = St[i]; k < end; ++k) {
-      if (k + 2 * AHEAD < P) fetch(G + Or[k + 2 * AHEAD] * d, d * sizeof(float));  // the groups run through order in turn
-      add_row(buf, G + Or[k] * d, d);
+      if (k + 2 * AHEAD < P) fetch(sample(Or[k + 2 * AHEAD]), d * sizeof(float));  // the groups run through order in turn
+      add_row(buf, sample(Or[k]), d);
     }
     return buf;
   }
@@ -143,8 +165,8 @@ static inline void adam_row(float* __restrict__ w, float* __restrict__ m, float*
 // serves every later k), or one entry (global bias correction).
 void lazy_adam(torch::Tensor rows, torch::Tensor mv, torch::Tensor step, torch::Tensor idx, torch::Tensor grad,
                torch::Tensor order, torch::Tensor starts, torch::Tensor scale, double b1, double b2, double eps) {
-  check(rows, idx, grad);
-  const RowGrads grads(grad, order, starts, idx.numel());
+  check(rows, idx);
+  const RowGrads grads(grad, order, starts, idx.numel(), rows.size(1));
   const int64_t n = idx.numel(), d = rows.size(1), ns = scale.numel();
   TORCH_CHECK(mv.is_contiguous() && mv.numel() == 2 * rows.numel() && step.is_contiguous()
               && step.scalar_type() == at::kInt && step.numel() == rows.size(0) && ns > 0, "optimizer state");
@@ -556,8 +578,8 @@ torch::Tensor transpose_copy(torch::Tensor src) {
 // Row-wise Adagrad. sum [N] float: s += mean(g^2); row -= lr * g / (sqrt(s) + eps).
 void rowwise_adagrad(torch::Tensor rows, torch::Tensor sum, torch::Tensor idx, torch::Tensor grad,
                      torch::Tensor order, torch::Tensor starts, double lr, double eps) {
-  check(rows, idx, grad);
-  const RowGrads grads(grad, order, starts, idx.numel());
+  check(rows, idx);
+  const RowGrads grads(grad, order, starts, idx.numel(), rows.size(1));
   TORCH_CHECK(sum.is_contiguous() && sum.scalar_type() == at::kFloat && sum.numel() == rows.size(0), "optimizer state");
   const int64_t n = idx.numel(), d = rows.size(1);
   float* R = rows.data_ptr<float>();
