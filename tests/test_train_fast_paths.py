@@ -83,13 +83,20 @@ def _esmm(hidden=(20, 7), activation="relu"):
     ((20, 7), "gelu", "AddmmBackward"),  # not all ReLU: the fused first layer through autograd
 ])
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch-ops"])
-def test_fused_towers_equal_separate_towers(hidden, activation, fn, kernels, monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+def test_fused_towers_equal_separate_towers(hidden, activation, fn, kernels, onednn, monkeypatch):
     """With the fused kernels (bias + ReLU, ReLU backward + bias gradient: one pass each)
-    and without them (ESMM_ROW_KERNELS=off, no compiler, CUDA)."""
+    and without them (ESMM_ROW_KERNELS=off, no compiler, CUDA); the fused first layer by
+    oneDNN and by MKL (its input gradient 16-column aligned: 30 inputs here)."""
+    from train import fused_towers
     from train.shard import row_kernels
 
     if not kernels:
         monkeypatch.setitem(row_kernels._state, "mod", None)
+    if not onednn:
+        monkeypatch.setitem(fused_towers._ONEDNN, "op", None)
+    else:
+        assert fused_towers._onednn(torch.zeros(1)) is not None  # this torch has it (CPU wheels do)
     m = _esmm(hidden, activation)
     fused = copy.deepcopy(m)
     assert dev.fuse_shared_towers(fused.dense)

@@ -21,6 +21,7 @@ forward runs through autograd as before.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -95,6 +96,26 @@ def _relu_backward(k, g: torch.Tensor, h: torch.Tensor, ones: torch.Tensor) -> t
     return g, k.relu_grad_colsum_(g, h)
 
 
+def _onednn(x: torch.Tensor):
+    """oneDNN's fp32 linear (``torch.ops.mkldnn._linear_pointwise``, what inductor's CPU code
+    calls) for the fused first layer, or None: not a CPU float32 input, torch built without
+    oneDNN, or ``ESMM_ONEDNN=off``. At [2048, 414] x [414, 400] it runs ~8% faster than
+    MKL's sgemm here (3.05 against 3.3 ms forward, bias and ReLU in the same call; the input
+    gradient 3.07 against 3.3 with the 16-column alignment below), deterministic, float
+    rounding apart from MKL. Its weight must be contiguous: a strided one took seconds."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or os.environ.get("ESMM_ONEDNN") == "off":
+        return None
+    if "op" not in _ONEDNN:
+        try:
+            _ONEDNN["op"] = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+        except (AttributeError, RuntimeError):
+            _ONEDNN["op"] = None
+    return _ONEDNN["op"]
+
+
+_ONEDNN: dict = {}
+
+
 def _first_weights(ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The towers' first-layer weights stacked, ``[sum(hidden), in]``; on CPU with ``in``
     not a multiple of 16, in a buffer of that many columns rounded up to 16, the extra ones
@@ -135,9 +156,15 @@ class SharedReluTowers(torch.autograd.Function):
     def forward(ctx, x, depth: int, *params):
         T = len(params) // (2 * depth)
         W, b = _weights(params, depth, 0), _weights(params, depth, 1)
-        k = _kernels(x)
-        w1 = _first_weights([W[t][0] for t in range(T)], x)  # [sum(hidden), in rounded up]
-        h1 = _linear_relu(k, x, w1[:, :x.shape[1]], torch.cat([b[t][0] for t in range(T)]))
+        k, dnnl = _kernels(x), _onednn(x)
+        b1 = torch.cat([b[t][0] for t in range(T)])
+        if dnnl is not None:
+            x = x.contiguous()
+            w1 = torch.cat([W[t][0] for t in range(T)])  # [sum(hidden), in]
+            h1 = dnnl(x, w1, b1, "relu", [], "")
+        else:
+            w1 = _first_weights([W[t][0] for t in range(T)], x)  # [sum(hidden), in rounded up]
+            h1 = _linear_relu(k, x, w1[:, :x.shape[1]], b1)
         cols, o = [], 0
         for t in range(T):
             cols.append((o, o + W[t][0].shape[0]))
@@ -151,7 +178,7 @@ class SharedReluTowers(torch.autograd.Function):
                 ins.append(h)
             hs.append(ins)
             outs.append(_head(k, h, W[t][-1], b[t][-1]))
-        ctx.depth, ctx.T, ctx.cols = depth, T, cols
+        ctx.depth, ctx.T, ctx.cols, ctx.dnnl = depth, T, cols, dnnl
         ctx.save_for_backward(x, w1, h1, *[h for ins in hs for h in ins[1:]], *params)
         return tuple(outs)
 
@@ -193,7 +220,11 @@ class SharedReluTowers(torch.autograd.Function):
         dw1 = dw1t.t().contiguous() if k is None else k.transpose_copy(dw1t)  # the kernel: on every thread
         for t in range(T):
             out[2 * t * depth], out[2 * t * depth + 1] = dw1[cols[t][0]:cols[t][1]], db1[cols[t][0]:cols[t][1]]
-        gx = g1.mm(w1)[:, :x.shape[1]] if ctx.needs_input_grad[0] else None  # w1's zero columns: dropped
+        gx = None
+        if ctx.needs_input_grad[0] and ctx.dnnl is not None:  # oneDNN: w1^T as a contiguous weight
+            gx = ctx.dnnl(g1, torch.cat([W[t][0].t() for t in range(T)], 1), None, "none", [], "")
+        elif ctx.needs_input_grad[0]:
+            gx = g1.mm(w1)[:, :x.shape[1]]  # w1's zero columns: dropped
         return (gx, None, *out)
 
 
