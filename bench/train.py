@@ -320,7 +320,7 @@ def run_ceiling(data_dir: str, threads: int, reps: int = 60) -> dict:
     step that is matmuls: it can beat the ceiling above, not this one."""
     import torch
 
-    from train.fused_towers import _onednn
+    from train.fused_towers import _first_weights, _onednn
 
     _threads(threads)
     with open(os.path.join(data_dir, "manifest.json")) as f:
@@ -332,10 +332,10 @@ def run_ceiling(data_dir: str, threads: int, reps: int = 60) -> dict:
         for a, b in zip(dims[:-1], dims[1:]):
             layers.append((torch.randn(BATCH, a, generator=g), torch.randn(b, a, generator=g),
                            torch.randn(BATCH, b, generator=g)))
-    wide = -(-in_dim // 16) * 16
-    x1, w1 = layers[0][0], torch.randn(2 * HIDDEN[0], wide, generator=g)
+    x1, firsts = layers[0][0], [layers[0][1], layers[len(dims) - 1][1]]  # each tower's first layer
     g1, b1 = torch.randn(BATCH, 2 * HIDDEN[0], generator=g), torch.zeros(2 * HIDDEN[0])
-    w1c, w1t = w1[:, :in_dim].contiguous(), w1[:, :in_dim].t().contiguous()
+    w1 = _first_weights(firsts, x1)  # as ours stacks them for MKL (16-column aligned)
+    w1c, w1t = torch.cat(firsts), torch.cat([w.t() for w in firsts], 1)  # as ours gives them to oneDNN
     dnnl = _onednn(x1)
     upper = [lay for i, lay in enumerate(layers) if i % (len(dims) - 1) != 0]  # every layer but the first
 
